@@ -1,0 +1,109 @@
+"""The streaming API the Ray worker wraps: ``generate`` is an async iterator of deltas, ``abort`` stops one.
+
+The step runs in a worker thread so that the event loop stays free for new requests and streaming. Adds and
+aborts are queued and applied by that thread between steps, so that the engine is only ever touched by one
+thread at a time. Cancelling the consumer of ``generate`` (a client that went away) aborts the request: this
+is the one place where cancellation turns into freed KV blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections import deque
+from typing import AsyncIterator, Callable
+
+from engine.config import EngineConfig
+from engine.errors import InvalidRequestError
+from engine.llm_engine import LLMEngine
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class AsyncLLM:
+    def __init__(self, config: EngineConfig | LLMEngine):
+        self.engine = config if isinstance(config, LLMEngine) else LLMEngine(config)
+        self._queues: dict[str, asyncio.Queue] = {}
+        self._pending: deque[Callable[[], RequestOutput | None]] = deque()
+        self._wakeup: asyncio.Event | None = None
+        self._loop_task: asyncio.Task | None = None
+
+    async def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
+                       request_id: str | None = None, priority: int = 0) -> AsyncIterator[RequestOutput]:
+        """Yields one RequestOutput per step with this request's new tokens and text (deltas)."""
+        request_id = request_id or uuid.uuid4().hex
+        if request_id in self._queues:
+            raise InvalidRequestError(f"request id {request_id!r} is already in flight", "request_id")
+        req, state = self.engine.make_request(request_id, prompt, params, priority, stream=True)
+        queue: asyncio.Queue = asyncio.Queue()
+        self._queues[request_id] = queue
+        self._pending.append(lambda: self.engine.submit(req, state))
+        self._kick()
+        finished = False
+        try:
+            while True:
+                out = await queue.get()
+                if isinstance(out, BaseException):
+                    raise out
+                finished = out.finished
+                yield out
+                if finished:
+                    return
+        finally:
+            self._queues.pop(request_id, None)
+            if not finished:  # cancelled, or the consumer stopped early
+                self._pending.append(lambda: self.engine.abort(request_id))
+                self._kick()
+
+    async def abort(self, request_id: str) -> None:
+        self._pending.append(lambda: self.engine.abort(request_id))
+        self._kick()
+
+    def stats(self) -> dict[str, float | int]:
+        return self.engine.stats()
+
+    async def check_health(self) -> None:
+        task = self._loop_task
+        if task is not None and task.done() and not task.cancelled() and task.exception() is not None:
+            raise RuntimeError(f"engine loop died: {task.exception()!r}")
+
+    # ------------------------------------------------------------------ the loop
+    def _kick(self) -> None:
+        if self._wakeup is None:
+            self._wakeup = asyncio.Event()
+        if self._loop_task is None or self._loop_task.done():
+            self._loop_task = asyncio.get_running_loop().create_task(self._run())
+        self._wakeup.set()
+
+    def _step(self) -> list[RequestOutput]:
+        outputs = []
+        while self._pending:
+            out = self._pending.popleft()()
+            if out is not None:
+                outputs.append(out)
+        if self.engine.has_unfinished():
+            outputs += self.engine.step()
+        return outputs
+
+    async def _run(self) -> None:
+        assert self._wakeup is not None
+        while True:
+            if not self._pending and not self.engine.has_unfinished():
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            try:
+                outputs = await asyncio.to_thread(self._step)
+            except Exception as e:  # a bug in a step: fail the requests in flight, free their blocks, go on
+                log.exception("engine step failed")
+                for request_id, queue in list(self._queues.items()):
+                    self.engine.abort(request_id)
+                    queue.put_nowait(RuntimeError(f"engine step failed: {e!r}"))
+                continue
+            for out in outputs:
+                queue = self._queues.get(out.request_id)
+                if queue is not None:
+                    queue.put_nowait(out)

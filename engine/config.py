@@ -1,0 +1,63 @@
+"""Engine settings: one pydantic model, loadable from a dict, a YAML file or a Ray Serve config file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class EngineConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    # --- model ---
+    model: str = Field("gpt2", description="A local Hugging Face directory, or a hub id such as gpt2 / gpt2-xl.")
+    tokenizer: str | None = Field(None, description="Tokenizer directory or hub id; defaults to the model's.")
+    load_format: Literal["auto", "safetensors", "pt", "dummy"] = Field(
+        "auto", description="'dummy' builds random weights of the checkpoint's shape (benchmarks, offline runs)."
+    )
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="'auto': float32 on the CPU, float16 on a GPU."
+    )
+    device: str = Field("auto", description="'auto' (cuda when present, else cpu), 'cpu', 'cuda', 'cuda:1'...")
+    seed: int = Field(0, description="Seed for dummy weights and for unseeded sampling.")
+    max_model_len: int | None = Field(None, description="Longest prompt + output; defaults to the model's context.")
+
+    # --- paged KV pool ---
+    block_size: int = Field(16, ge=1, description="Tokens per KV block.")
+    num_gpu_blocks: int | None = Field(None, ge=1, description="Fix the pool size in blocks (skips profiling).")
+    gpu_memory_utilization: float = Field(
+        0.90, gt=0, le=1, description="Fraction of GPU memory for weights + activations + KV pool."
+    )
+    cpu_kv_cache_gib: float = Field(1.0, gt=0, description="KV pool size when the model runs on the CPU.")
+    swap_space_gib: float = Field(4.0, ge=0, description="CPU memory for swapped-out KV blocks.")
+
+    # --- batching ---
+    max_num_seqs: int = Field(256, ge=1, description="Most sequences in one step.")
+    max_num_batched_tokens: int = Field(8192, ge=1, description="Token budget of one step (chunked prefill).")
+    long_prefill_token_threshold: int | None = Field(
+        None, ge=1, description="Cap on one request's prefill chunk per step, so decodes keep flowing."
+    )
+
+    # --- policies (by name; see policies/) ---
+    scheduling_policy: str = Field("fcfs", description="Waiting-queue order: fcfs, priority, sjf.")
+    scheduling_policy_args: dict[str, Any] = Field(default_factory=dict)
+    preemption_policy: str = Field("recompute", description="What preemption does to a victim: recompute, swap.")
+    swap_policy: str = Field("watermark", description="When swapped requests come back: watermark, eager.")
+    swap_policy_args: dict[str, Any] = Field(default_factory=dict)
+
+    # --- execution ---
+    attention_backend: Literal["auto", "torch", "triton"] = Field("auto")
+    enforce_eager: bool = Field(False, description="Disable CUDA graphs.")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides: Any) -> "EngineConfig":
+        """Read a plain engine YAML or a Ray Serve config whose first application's args hold ``engine:``."""
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if "applications" in data:
+            data = data["applications"][0].get("args", {})
+        if "engine" in data:
+            data = data["engine"]
+        return cls(**{**data, **overrides})

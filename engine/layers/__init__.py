@@ -1,0 +1,1 @@
+"""Layers that own their weight loading, so that models only compose them."""

@@ -1,0 +1,50 @@
+"""The offline API: ``LLM(...).generate(prompts, SamplingParams(...))``."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, Sequence
+
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+
+
+class LLM:
+    def __init__(self, config: EngineConfig | None = None, **kwargs: Any):
+        self.engine = LLMEngine(config or EngineConfig(**kwargs))
+        self._ids = itertools.count()
+
+    def generate(
+        self,
+        prompts: str | Sequence[str] | None = None,
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        prompt_token_ids: Sequence[Sequence[int]] | None = None,
+        priority: Sequence[int] | None = None,
+    ) -> list[RequestOutput]:
+        """Run every prompt to completion; results come back in the order of the prompts.
+
+        All requests are validated before any is queued, so that one bad prompt leaves nothing half-done.
+        """
+        inputs: list[str | list[int]] = (
+            [prompts] if isinstance(prompts, str) else list(prompts or [])
+        ) + [list(p) for p in (prompt_token_ids or [])]
+        if isinstance(sampling_params, SamplingParams) or sampling_params is None:
+            sampling_params = [sampling_params or SamplingParams()] * len(inputs)
+        if len(sampling_params) != len(inputs):
+            raise ValueError(f"{len(inputs)} prompts but {len(sampling_params)} sampling params")
+        priority = list(priority) if priority is not None else [0] * len(inputs)
+
+        ids = [f"offline-{next(self._ids)}" for _ in inputs]
+        built = [self.engine.make_request(rid, prompt, params, prio)
+                 for rid, prompt, params, prio in zip(ids, inputs, sampling_params, priority)]
+        for req, state in built:
+            self.engine.submit(req, state)
+        done: dict[str, RequestOutput] = {}
+        while self.engine.has_unfinished():
+            for out in self.engine.step():
+                if out.finished:
+                    done[out.request_id] = out
+        return [done[rid] for rid in ids]

@@ -1,0 +1,101 @@
+"""The engine: requests in, a step of three calls, RequestOutputs out. No threads, no Ray, no HTTP."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from engine.config import EngineConfig
+from engine.errors import InvalidRequestError
+from engine.kv_manager import KVCacheManager
+from engine.model_runner import ModelRunner
+from engine.output_processor import OutputProcessor, RequestState, SequenceText
+from engine.outputs import RequestOutput
+from engine.request import Request, RequestStatus
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+from engine.tokenizer import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.runner = ModelRunner(config)
+        self.max_model_len = self.runner.max_model_len
+        self.vocab_size = self.runner.model.vocab_size
+        self.kv = KVCacheManager(self.runner.num_blocks, config.block_size, self.runner.num_cpu_blocks)
+        self.scheduler = Scheduler(config, self.kv)
+        self.tokenizer = load_tokenizer(config, self.runner.hf_config.eos_token_id)
+        self.output_processor = OutputProcessor(self.tokenizer)
+
+    # ------------------------------------------------------------------ requests
+    def make_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
+                     priority: int = 0, stream: bool = False) -> tuple[Request, RequestState]:
+        """Validate and build a request without touching engine state; raises InvalidRequestError."""
+        params = params or SamplingParams()
+        if request_id in self.output_processor.states:
+            raise InvalidRequestError(f"request id {request_id!r} is already in flight", "request_id")
+        text = prompt if isinstance(prompt, str) else None
+        token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not token_ids:
+            raise InvalidRequestError("the prompt is empty", "prompt")
+        bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
+        if bad:
+            raise InvalidRequestError(
+                f"token id {bad[0]} is out of vocabulary (ids must be in [0, {self.vocab_size}))", "prompt")
+        if len(token_ids) >= self.max_model_len:
+            raise InvalidRequestError(
+                f"the prompt has {len(token_ids)} tokens; max_model_len is {self.max_model_len}, which must also "
+                "leave room for at least one generated token", "prompt")
+        max_total = self.max_model_len
+        if params.max_tokens is not None:
+            max_total = min(max_total, len(token_ids) + params.max_tokens)
+        # The last token is sampled but never fed back, so it needs no KV slot.
+        blocks_needed = self.kv.blocks_for(max_total - 1)
+        if blocks_needed > self.kv.pool.num_blocks:
+            raise InvalidRequestError(
+                f"the request needs {blocks_needed} KV blocks ({max_total - 1} tokens) but the whole pool has "
+                f"{self.kv.pool.num_blocks}; shorten the prompt or max_tokens", "max_tokens")
+        eos = self.tokenizer.eos_token_id
+        req = Request(
+            request_id=request_id, external_id=request_id, prompt_token_ids=token_ids, params=params,
+            arrival_time=time.monotonic(), max_total_tokens=max_total, eos_token_id=eos, priority=priority,
+            samples_to_fork=params.n - 1, prompt_logprobs=[None] if params.prompt_logprobs is not None else [],
+        )
+        state = RequestState(
+            request_id=request_id, prompt=text, prompt_token_ids=token_ids, params=params, stream=stream,
+            arrival_time=req.arrival_time, seqs=[SequenceText(i) for i in range(params.n)],
+        )
+        return req, state
+
+    def submit(self, req: Request, state: RequestState) -> None:
+        self.output_processor.add(state)
+        self.scheduler.add_request(req)
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
+                    priority: int = 0, stream: bool = False) -> None:
+        self.submit(*self.make_request(request_id, prompt, params, priority, stream))
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request wherever it is (waiting, mid-prefill, decoding, swapped); its blocks are freed now."""
+        self.scheduler.abort(request_id)
+        return self.output_processor.abort(request_id)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ------------------------------------------------------------------ the step
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        runner_out = self.runner.execute(sched)
+        core_outputs = self.scheduler.update_from_output(sched, runner_out)
+
+        outputs, stopped = self.output_processor.process(core_outputs)
+        for req_id in stopped:
+            self.scheduler.finish(req_id, RequestStatus.FINISHED_STOPPED)
+        return outputs
+
+    def stats(self) -> dict[str, float | int]:
+        return self.scheduler.stats()

@@ -1,0 +1,100 @@
+"""GPT-2 on the paged KV pool: the HF architecture, with attention delegated to a paged-attention backend.
+
+The whole step is one flat batch of tokens ([T, hidden]) from many sequences; only attention needs to know
+which tokens belong to which sequence, and it learns that from the ``AttentionMetadata``.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.attention import AttentionBackend, AttentionMetadata
+from engine.layers.basic import Embedding, LayerNorm
+from engine.layers.linear import Conv1DLinear
+
+
+class GPT2Attention(nn.Module):
+    def __init__(self, hidden: int, num_heads: int, backend: AttentionBackend):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, hidden // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.c_attn = Conv1DLinear(hidden, 3 * hidden)
+        self.c_proj = Conv1DLinear(hidden, hidden)
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        q, k, v = self.c_attn(x).view(x.shape[0], 3, self.num_heads, self.head_dim).unbind(1)
+        out = self.backend.forward(q, k, v, kv_cache, meta, self.scale)
+        return self.c_proj(out.reshape(x.shape[0], -1))
+
+
+class GPT2MLP(nn.Module):
+    def __init__(self, hidden: int, inner: int):
+        super().__init__()
+        self.c_fc = Conv1DLinear(hidden, inner)
+        self.c_proj = Conv1DLinear(inner, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+
+
+class GPT2Block(nn.Module):
+    def __init__(self, hidden: int, num_heads: int, inner: int, eps: float, backend: AttentionBackend):
+        super().__init__()
+        self.ln_1 = LayerNorm(hidden, eps)
+        self.attn = GPT2Attention(hidden, num_heads, backend)
+        self.ln_2 = LayerNorm(hidden, eps)
+        self.mlp = GPT2MLP(hidden, inner)
+
+    def forward(self, x, kv_cache, meta):
+        x = x + self.attn(self.ln_1(x), kv_cache, meta)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT2LMHeadModel(nn.Module):
+    def __init__(self, hf_config, backend: AttentionBackend):
+        super().__init__()
+        c = hf_config
+        hidden = c.n_embd
+        inner = c.n_inner or 4 * hidden
+        self.num_layers, self.num_heads, self.head_dim = c.n_layer, c.n_head, hidden // c.n_head
+        self.vocab_size = c.vocab_size
+        self.wte = Embedding(c.vocab_size, hidden)
+        self.wpe = Embedding(c.n_positions, hidden)
+        self.h = nn.ModuleList(
+            GPT2Block(hidden, c.n_head, inner, c.layer_norm_epsilon, backend) for _ in range(c.n_layer)
+        )
+        self.ln_f = LayerNorm(hidden, c.layer_norm_epsilon)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
+                meta: AttentionMetadata) -> torch.Tensor:
+        """Hidden states after the final LayerNorm, one row per token of the flat batch."""
+        x = self.wte(input_ids) + self.wpe(positions)
+        for layer, kv_cache in zip(self.h, kv_caches):
+            x = layer(x, kv_cache, meta)
+        return self.ln_f(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.wte.weight)  # the LM head is tied to the token embedding
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Take HF GPT-2 tensors by name; every layer parameter must be found exactly once."""
+        modules = dict(self.named_modules())
+        expected = {name for name, _ in self.named_parameters()}
+        loaded = set()
+        for name, tensor in weights:
+            name = name.removeprefix("transformer.")
+            if name.endswith((".attn.bias", ".attn.masked_bias")) or name == "lm_head.weight":
+                continue  # causal-mask buffers; the LM head is tied to wte
+            module_name, _, param = name.rpartition(".")
+            if module_name not in modules or not hasattr(modules[module_name], "load_weight"):
+                raise ValueError(f"checkpoint tensor {name!r} matches no layer of GPT2LMHeadModel")
+            modules[module_name].load_weight(param, tensor)
+            loaded.add(name)
+        missing = expected - loaded
+        if missing:
+            raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")

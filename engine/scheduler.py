@@ -1,0 +1,284 @@
+"""Continuous batching: decide each step's work, then book its result.
+
+``schedule()`` and ``update_from_output()`` are two of the three calls of a step (the model runner's
+``execute()`` sits between them). Which request waits first, who is preempted and when swapped requests come
+back are policy objects chosen by name; this file holds only the mechanism.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from typing import Callable
+
+from engine.config import EngineConfig
+from engine.kv_manager import KVCacheManager
+from engine.outputs import CachedRequestData, EngineCoreOutput, ModelRunnerOutput, NewRequestData, SchedulerOutput
+from engine.request import Request, RequestStatus
+from policies import PREEMPTION_POLICIES, SCHEDULING_POLICIES, SWAP_POLICIES
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, kv: KVCacheManager, clock: Callable[[], float] = time.monotonic):
+        self.config = config
+        self.kv = kv
+        self.clock = clock
+        self.policy = SCHEDULING_POLICIES.build(config.scheduling_policy, **config.scheduling_policy_args)
+        self.preemption = PREEMPTION_POLICIES.build(config.preemption_policy)
+        self.swap_policy = SWAP_POLICIES.build(config.swap_policy, **config.swap_policy_args)
+        self.requests: dict[str, Request] = {}
+        self.groups: dict[str, list[str]] = {}  # external id → its sequences' ids
+        self.waiting: list[Request] = []
+        self.running: list[Request] = []
+        self.swapped: list[Request] = []
+        self._sent_to_runner: set[str] = set()
+        self._finished_since_last_step: set[str] = set()
+        self.counters: Counter[str] = Counter()  # preemptions_recompute, preemptions_swap, swap_in, ...
+
+    # ------------------------------------------------------------------ requests in and out
+    def add_request(self, req: Request) -> None:
+        self.requests[req.request_id] = req
+        self.groups.setdefault(req.external_id, []).append(req.request_id)
+        self.waiting.append(req)
+
+    def abort(self, external_id: str) -> list[Request]:
+        aborted = []
+        for req_id in list(self.groups.get(external_id, [])):
+            req = self.requests.get(req_id)
+            if req is not None and not req.status.finished:
+                self._finish(req, RequestStatus.FINISHED_ABORTED)
+                aborted.append(req)
+        return aborted
+
+    def finish(self, req_id: str, status: RequestStatus) -> None:
+        """End a sequence for a reason found outside the scheduler (a stop string)."""
+        req = self.requests.get(req_id)
+        if req is not None and not req.status.finished:
+            self._finish(req, status)
+
+    def _finish(self, req: Request, status: RequestStatus) -> None:
+        for queue in (self.waiting, self.running, self.swapped):
+            if req in queue:
+                queue.remove(req)
+        req.status = status
+        req.samples_to_fork = 0
+        req.metrics.finished_time = self.clock()
+        self.kv.free(req)
+        self.requests.pop(req.request_id, None)
+        group = self.groups.get(req.external_id, [])
+        if req.request_id in group:
+            group.remove(req.request_id)
+        if not group:
+            self.groups.pop(req.external_id, None)
+        self._forget(req)
+
+    def _forget(self, req: Request) -> None:
+        """The runner must drop this sequence's state before the next step."""
+        if req.request_id in self._sent_to_runner:
+            self._sent_to_runner.discard(req.request_id)
+            self._finished_since_last_step.add(req.request_id)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running or self.swapped)
+
+    # ------------------------------------------------------------------ the step
+    def schedule(self) -> SchedulerOutput:
+        # Every request has num_computed_tokens (tokens whose K/V are in the pool) and num_tokens (prompt +
+        # output). A step gives each request up to num_tokens - num_computed_tokens tokens of the budget: a
+        # prefill, a chunk of one, a recompute after preemption and a decode are all the same "catch up".
+        # Running requests go first; only a step that preempted nobody brings swapped requests back and
+        # admits waiting ones.
+        budget = self.config.max_num_batched_tokens
+        scheduled: dict[str, int] = {}
+        new_blocks: dict[str, list[int]] = {}
+        swap_out: list[tuple[int, int]] = []
+        swap_in: list[tuple[int, int]] = []
+        preempted = False
+        now = self.clock()
+
+        idx = 0
+        while idx < len(self.running) and budget > 0:
+            req = self.running[idx]
+            n = self._num_new_tokens(req, budget)
+            while (blocks := self.kv.allocate(req, n)) is None:
+                victim = self.preemption.choose_victim(self.running)
+                budget += scheduled.pop(victim.request_id, 0)
+                new_blocks.pop(victim.request_id, None)
+                if self.running.index(victim) < idx:
+                    idx -= 1
+                swap_out += self._preempt(victim)
+                preempted = True
+                if victim is req:
+                    break
+            else:
+                scheduled[req.request_id] = n
+                new_blocks[req.request_id] = blocks
+                budget -= n
+                idx += 1
+
+        if not preempted:
+            for req in self.swap_policy.order(self.swapped):
+                if len(self.running) >= self.config.max_num_seqs or budget == 0:
+                    break
+                if not self.swap_policy.should_swap_in(req, self.kv):
+                    break
+                mapping = self.kv.swap_in(req)
+                if mapping is None:
+                    break
+                swap_in += mapping
+                self.swapped.remove(req)
+                self.counters["swap_in"] += 1
+                self._start_running(req, now)
+                n = self._num_new_tokens(req, budget)
+                blocks = self.kv.allocate(req, n)
+                if blocks is None:  # its blocks are back; it grows in a later step
+                    break
+                scheduled[req.request_id] = n
+                new_blocks[req.request_id] = blocks
+                budget -= n
+
+            for req in self.policy.order(self.waiting, now):
+                if len(self.running) >= self.config.max_num_seqs or budget == 0:
+                    break
+                n = self._num_new_tokens(req, budget)
+                blocks = self.kv.allocate(req, n)
+                if blocks is None:
+                    break
+                self.waiting.remove(req)
+                self._start_running(req, now)
+                scheduled[req.request_id] = n
+                new_blocks[req.request_id] = blocks
+                budget -= n
+
+        assert budget >= 0 and sum(scheduled.values()) <= self.config.max_num_batched_tokens
+        assert len(self.running) <= self.config.max_num_seqs
+        return self._build_output(scheduled, new_blocks, swap_out, swap_in)
+
+    def _num_new_tokens(self, req: Request, budget: int) -> int:
+        n = req.num_tokens - req.num_computed_tokens
+        if self.config.long_prefill_token_threshold is not None:
+            n = min(n, self.config.long_prefill_token_threshold)
+        return min(n, budget)
+
+    def _start_running(self, req: Request, now: float) -> None:
+        req.status = RequestStatus.RUNNING
+        if req.metrics.first_scheduled_time is None:
+            req.metrics.first_scheduled_time = now
+        self.running.append(req)
+
+    def _preempt(self, victim: Request) -> list[tuple[int, int]]:
+        """Take ``victim`` off the device pool; return the (device, cpu) copies a swap needs."""
+        self.running.remove(victim)
+        victim.metrics.num_preemptions += 1
+        self._forget(victim)
+        mapping = self.kv.swap_out(victim) if self.preemption.mode == "swap" else None
+        if mapping is not None:
+            victim.status = RequestStatus.SWAPPED
+            self.swapped.append(victim)
+            self.counters["preemptions_swap"] += 1
+            self.counters["swap_out"] += 1
+            return mapping
+        self.kv.free(victim)
+        victim.num_computed_tokens = 0
+        victim.status = RequestStatus.WAITING
+        self.waiting.append(victim)
+        self.counters["preemptions_recompute"] += 1
+        return []
+
+    def _build_output(self, scheduled, new_blocks, swap_out, swap_in) -> SchedulerOutput:
+        new_reqs, cached_reqs = [], []
+        for req_id in scheduled:
+            req = self.requests[req_id]
+            if req_id not in self._sent_to_runner:
+                self._sent_to_runner.add(req_id)
+                self.kv.take_rewritten(req)
+                new_reqs.append(NewRequestData(
+                    req_id=req_id, token_ids=req.all_token_ids, num_prompt_tokens=req.num_prompt_tokens,
+                    params=req.params, block_ids=list(self.kv.block_ids(req)),
+                    num_computed_tokens=req.num_computed_tokens, sample_index=req.sample_index,
+                ))
+            else:
+                rewritten = self.kv.take_rewritten(req)
+                cached_reqs.append(CachedRequestData(
+                    req_id=req_id, new_block_ids=new_blocks[req_id], num_computed_tokens=req.num_computed_tokens,
+                    block_ids=list(self.kv.block_ids(req)) if rewritten else None,
+                ))
+        copies, self.kv.pending_copies = self.kv.pending_copies, []
+        finished, self._finished_since_last_step = self._finished_since_last_step, set()
+        return SchedulerOutput(
+            new_requests=new_reqs, cached_requests=cached_reqs, num_scheduled_tokens=scheduled,
+            finished_req_ids=finished, blocks_to_swap_out=swap_out, blocks_to_swap_in=swap_in,
+            blocks_to_copy=copies,
+        )
+
+    def update_from_output(self, sched: SchedulerOutput, out: ModelRunnerOutput) -> list[EngineCoreOutput]:
+        """Advance progress counters, append sampled tokens, finish what stopped, split off extra samples."""
+        now = self.clock()
+        results = []
+        for req_id, n in sched.num_scheduled_tokens.items():
+            req = self.requests.get(req_id)
+            if req is None or req.status is not RequestStatus.RUNNING:
+                continue  # aborted while the step ran
+            req.num_computed_tokens += n
+            for pos, lp in out.prompt_logprobs.get(req_id, []):
+                if pos == len(req.prompt_logprobs):
+                    req.prompt_logprobs.append(lp)
+            tokens = out.sampled_token_ids.get(req_id, [])
+            logprobs = out.logprobs.get(req_id, [])
+            status = None
+            for i, token in enumerate(tokens):
+                req.output_token_ids.append(token)
+                if i < len(logprobs):
+                    req.output_logprobs.append(logprobs[i])
+                status = req.check_stop()
+                if status is not None:
+                    tokens = tokens[: i + 1]
+                    break
+            prompt_logprobs = None
+            if tokens:
+                if req.metrics.first_token_time is None:
+                    req.metrics.first_token_time = now
+                    if req.params.prompt_logprobs is not None and req.sample_index == 0:
+                        prompt_logprobs = req.prompt_logprobs
+                req.metrics.last_token_time = now
+                if req.samples_to_fork:
+                    self._fork_samples(req)
+            if status is not None:
+                self._finish(req, status)
+            if tokens or status is not None:
+                results.append(EngineCoreOutput(
+                    req_id=req_id, external_id=req.external_id, sample_index=req.sample_index,
+                    new_token_ids=tokens, new_logprobs=logprobs[: len(tokens)],
+                    finish_reason=req.finish_reason, stop_reason=req.stop_reason, prompt_logprobs=prompt_logprobs,
+                ))
+        return results
+
+    def _fork_samples(self, parent: Request) -> None:
+        """Split the extra samples of an n > 1 request off its first sequence once the prompt is computed.
+
+        Each sample shares all of the prompt's blocks and recomputes only the last prompt token (writing into
+        a shared block copies it first), so that it draws its own first token from the same distribution.
+        """
+        prompt_len = parent.num_prompt_tokens
+        for i in range(1, parent.samples_to_fork + 1):
+            child = Request(
+                request_id=f"{parent.external_id}#{i}", external_id=parent.external_id,
+                prompt_token_ids=parent.prompt_token_ids, params=parent.params,
+                arrival_time=parent.arrival_time, max_total_tokens=parent.max_total_tokens,
+                eos_token_id=parent.eos_token_id, priority=parent.priority, sample_index=i,
+                arrival_seq=parent.arrival_seq,
+            )
+            # The parent's table covers exactly the prompt here: it has not yet been given room for its token.
+            assert self.kv.blocks_for(prompt_len) == len(self.kv.block_ids(parent))
+            self.kv.fork(parent, child)
+            child.num_computed_tokens = prompt_len - 1
+            self.add_request(child)
+        parent.samples_to_fork = 0
+
+    # ------------------------------------------------------------------ observability
+    def stats(self) -> dict[str, float | int]:
+        return {
+            "num_running": len(self.running), "num_waiting": len(self.waiting), "num_swapped": len(self.swapped),
+            "kv_usage": self.kv.usage, "num_free_blocks": self.kv.pool.num_free,
+            "num_total_blocks": self.kv.pool.num_blocks, **self.counters,
+        }

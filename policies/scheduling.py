@@ -1,0 +1,57 @@
+"""Scheduling policies: the order in which waiting requests are admitted.
+
+A policy only orders; whether the head of the order fits this step's token budget and the KV pool is the
+scheduler's business (admission). The scheduler admits in this order and stops at the first request that does
+not fit, so that a policy's promise is not broken by smaller requests slipping past.
+"""
+
+from __future__ import annotations
+
+from engine.request import Request
+from policies.registry import Registry
+
+SCHEDULING_POLICIES: Registry["SchedulingPolicy"] = Registry("scheduling")
+
+
+class SchedulingPolicy:
+    name: str
+
+    def sort_key(self, req: Request, now: float) -> tuple:
+        raise NotImplementedError
+
+    def order(self, waiting: list[Request], now: float) -> list[Request]:
+        return sorted(waiting, key=lambda r: self.sort_key(r, now))
+
+
+@SCHEDULING_POLICIES.register("fcfs")
+class FcfsPolicy(SchedulingPolicy):
+    """First come, first served. Promise: no request is admitted before one that arrived earlier."""
+
+    def sort_key(self, req, now):
+        return (req.arrival_time, req.arrival_seq)
+
+
+@SCHEDULING_POLICIES.register("priority")
+class PriorityPolicy(SchedulingPolicy):
+    """Lowest ``priority`` value first (vLLM's convention), arrival order within a priority level."""
+
+    def sort_key(self, req, now):
+        return (req.priority, req.arrival_time, req.arrival_seq)
+
+
+@SCHEDULING_POLICIES.register("sjf")
+class ShortestJobFirstPolicy(SchedulingPolicy):
+    """Fewest tokens left to prefill first, which cuts mean TTFT when short and long prompts mix.
+
+    Pure SJF starves long prompts under a steady stream of short ones, so requests that have waited longer
+    than ``max_wait_s`` jump ahead of every younger request, oldest first. Promise: a request waits at most
+    ``max_wait_s`` plus the time to drain the requests that aged before it.
+    """
+
+    def __init__(self, max_wait_s: float = 5.0):
+        self.max_wait_s = max_wait_s
+
+    def sort_key(self, req, now):
+        if now - req.arrival_time >= self.max_wait_s:
+            return (0, req.arrival_time, req.arrival_seq)
+        return (1, req.num_tokens - req.num_computed_tokens, req.arrival_time, req.arrival_seq)
