@@ -86,8 +86,8 @@ class Scheduler:
         # Every request has num_computed_tokens (tokens whose K/V are in the pool) and num_tokens (prompt +
         # output). A step gives each request up to num_tokens - num_computed_tokens tokens of the budget: a
         # prefill, a chunk of one, a recompute after preemption and a decode are all the same "catch up".
-        # Running requests go first; only a step that preempted nobody brings swapped requests back and
-        # admits waiting ones.
+        # Running requests go first; only a step that preempted nobody brings swapped requests back, and only
+        # once none is left swapped out are waiting ones admitted.
         budget = self.config.max_num_batched_tokens
         scheduled: dict[str, int] = {}
         new_blocks: dict[str, list[int]] = {}
@@ -137,7 +137,9 @@ class Scheduler:
                 new_blocks[req.request_id] = blocks
                 budget -= n
 
-            for req in self.policy.order(self.waiting, now):
+            # Swapped requests hold CPU memory and were running before anything waiting: while one is still
+            # out, new requests would take the blocks it needs to come back.
+            for req in self.policy.order(self.waiting, now) if not self.swapped else []:
                 if len(self.running) >= self.config.max_num_seqs or budget == 0:
                     break
                 n = self._num_new_tokens(req, budget)
