@@ -29,6 +29,7 @@ class LLMEngine:
         self.scheduler = Scheduler(config, self.kv)
         self.tokenizer = load_tokenizer(config, self.runner.hf_config.eos_token_id)
         self.output_processor = OutputProcessor(self.tokenizer)
+        self._timing = {"schedule_s": 0.0, "execute_s": 0.0, "update_s": 0.0}
 
     # ------------------------------------------------------------------ requests
     def make_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
@@ -88,14 +89,32 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ the step
     def step(self) -> list[RequestOutput]:
+        t0 = time.perf_counter()
         sched = self.scheduler.schedule()
+        t1 = time.perf_counter()
         runner_out = self.runner.execute(sched)
+        t2 = time.perf_counter()
         core_outputs = self.scheduler.update_from_output(sched, runner_out)
 
         outputs, stopped = self.output_processor.process(core_outputs)
         for req_id in stopped:
             self.scheduler.finish(req_id, RequestStatus.FINISHED_STOPPED)
+        t3 = time.perf_counter()
+        self._timing["schedule_s"] += t1 - t0
+        self._timing["execute_s"] += t2 - t1
+        self._timing["update_s"] += t3 - t2
         return outputs
 
     def stats(self) -> dict[str, float | int]:
         return self.scheduler.stats()
+
+    def step_timing(self) -> dict[str, float]:
+        """Mean milliseconds per step: CPU work (schedule, input preparation, booking) and time in the runner's
+        forward launch and sampling (sampling waits for the GPU, so it holds the device time)."""
+        runner = self.runner.timing
+        steps = max(runner["steps"], 1)
+        ms = {k.removesuffix("_s") + "_ms": 1000 * v / steps for k, v in self._timing.items()}
+        ms.update({k.removesuffix("_s") + "_ms": 1000 * v / steps for k, v in runner.items() if k != "steps"})
+        ms["cpu_ms"] = ms["schedule_ms"] + ms["prepare_ms"] + ms["update_ms"]
+        ms["steps"] = runner["steps"]
+        return ms

@@ -1,17 +1,23 @@
 """The model runner: owns the weights and the KV pool tensors, turns a SchedulerOutput into one forward pass.
 
-It keeps its own per-request state (token ids, block table), so that the scheduler only sends what changed.
+It keeps its own per-request state (token ids, a row of the block table), so that the scheduler only sends
+what changed. Step inputs are built with numpy over whole arrays (no per-token Python loop) into pinned
+buffers; on a GPU, decode-only steps replay a CUDA graph captured for the next batch-size bucket.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from engine.attention import AttentionMetadata, get_attention_backend
 from engine.config import EngineConfig
+from engine.cuda_graphs import DecodeGraphs
+from engine.kv_manager import cdiv
 from engine.loader import load_model, resolve_device, resolve_dtype
 from engine.outputs import ModelRunnerOutput, SchedulerOutput
 from engine.sampler import Sampler, SamplingRow, token_logprobs
@@ -25,9 +31,56 @@ class RunnerRequestState:
     token_ids: list[int]
     num_prompt_tokens: int
     params: SamplingParams
-    block_ids: list[int]
+    row: int  # this request's row in the runner's block table
+    num_blocks: int
     sample_index: int
     num_computed_tokens: int = 0
+
+
+@dataclass
+class StepInputs:
+    """A step's model inputs on the device, and where the sampled rows are."""
+
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    meta: AttentionMetadata
+    sample_rows: np.ndarray  # flat-batch rows whose logits pick a request's next token
+    sample_ids: list[str]
+    prompt_logprobs: list[tuple[str, int, int, int]]  # (request, first row, first position, count)
+    decode_only: bool
+
+
+class HostStaging:
+    """Host-to-device copies of step inputs through reusable pinned buffers (allocating pinned memory each
+    step would cost more than the copy). A buffer is rewritten only after the previous step's sampling has
+    synchronised, so an in-flight asynchronous copy never reads a half-written buffer."""
+
+    def __init__(self, device: torch.device, pin: bool):
+        self.device, self.pin = device, pin
+        self._buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+        self._copied = torch.cuda.Event() if pin else None  # the last step's copies have left the buffers
+
+    def begin(self) -> None:
+        """Wait until the previous step's copies are done before overwriting their buffers (a step that
+        samples nothing never synchronises otherwise)."""
+        if self._copied is not None:
+            self._copied.synchronize()
+
+    def end(self) -> None:
+        if self._copied is not None:
+            self._copied.record()
+
+    def to_device(self, array: np.ndarray, dtype: torch.dtype, name: str = "") -> torch.Tensor:
+        if not self.pin:
+            return torch.from_numpy(np.ascontiguousarray(array)).to(self.device, dtype)
+        key = (name, dtype)
+        buf = self._buffers.get(key)
+        if buf is None or buf.numel() < array.size:
+            buf = torch.empty(max(array.size, 1024), dtype=dtype, pin_memory=True)
+            self._buffers[key] = buf
+        view = buf[:array.size].view(array.shape)
+        view.numpy()[...] = array
+        return view.to(self.device, non_blocking=True)
 
 
 class ModelRunner:
@@ -39,6 +92,7 @@ class ModelRunner:
         self.model, self.hf_config = load_model(config, self.backend, self.device, self.dtype)
         self.block_size = config.block_size
         self.max_model_len = min(config.max_model_len or self.hf_config.n_positions, self.hf_config.n_positions)
+        self.max_blocks_per_seq = cdiv(self.max_model_len, self.block_size)
         m = self.model
         self.bytes_per_block = 2 * m.num_layers * self.block_size * m.num_heads * m.head_dim * self.dtype.itemsize
         self.num_blocks = config.num_gpu_blocks or self._profile_num_blocks()
@@ -51,11 +105,21 @@ class ModelRunner:
         self._cpu_cache: torch.Tensor | None = None  # swap space, allocated on first swap-out
         self.sampler = Sampler(self.device, config.seed)
         self.requests: dict[str, RunnerRequestState] = {}
+        # One block-table row per live request; a request keeps its row until it finishes or is preempted.
+        self.block_table = np.zeros((config.max_num_seqs, self.max_blocks_per_seq), dtype=np.int32)
+        self._free_rows = list(range(config.max_num_seqs - 1, -1, -1))
+        self._pin = self.device.type == "cuda"
+        self._staging = HostStaging(self.device, pin=self._pin)
+        self.timing = {"steps": 0, "prepare_s": 0.0, "forward_s": 0.0, "sample_s": 0.0}
         log.info(
             "KV pool: %d blocks of %d tokens = %d tokens (%.2f GiB, %s on %s); swap space %d blocks",
             self.num_blocks, self.block_size, self.num_blocks * self.block_size,
             self.num_blocks * self.bytes_per_block / 2**30, self.dtype, self.device, self.num_cpu_blocks,
         )
+        self.graphs = None
+        if self.device.type == "cuda" and not config.enforce_eager and self.backend.name != "torch":
+            self.graphs = DecodeGraphs(self.model, self.kv_caches, config.max_num_seqs, self.max_blocks_per_seq,
+                                       self.max_model_len, self.device)
 
     # ------------------------------------------------------------------ memory
     def _profile_num_blocks(self) -> int:
@@ -69,10 +133,11 @@ class ModelRunner:
         peak = torch.cuda.max_memory_allocated(self.device)
         free, total = torch.cuda.mem_get_info(self.device)
         non_torch = total - free - torch.cuda.memory_reserved(self.device)
+        # CUDA graphs keep their own activation memory; leave room for the largest batch's graph pool.
         available = total * self.config.gpu_memory_utilization - peak - max(non_torch, 0)
         num_blocks = int(available // self.bytes_per_block)
         log.info(
-            "memory profile: total %.1f GiB x %.2f; weights %.2f GiB, activation peak %.2f GiB, non-torch %.2f GiB "
+            "memory profile: %.1f GiB x %.2f; weights %.2f GiB, activation peak %.2f GiB, non-torch %.2f GiB "
             "-> %.2f GiB for the KV pool", total / 2**30, self.config.gpu_memory_utilization, weights / 2**30,
             (peak - weights) / 2**30, non_torch / 2**30, available / 2**30,
         )
@@ -86,22 +151,22 @@ class ModelRunner:
         m = self.model
         tokens = min(self.config.max_num_batched_tokens, self.config.max_num_seqs * self.max_model_len)
         seq_len = min(tokens, self.max_model_len)
-        num_seqs = -(-tokens // seq_len)
-        blocks_per_seq = -(-seq_len // self.block_size)
-        scratch = torch.zeros((m.num_layers, 2, num_seqs * blocks_per_seq, self.block_size, m.num_heads, m.head_dim),
-                              device=self.device, dtype=self.dtype)
         lens = [seq_len] * (tokens // seq_len) + ([tokens % seq_len] if tokens % seq_len else [])
-        positions = torch.cat([torch.arange(n) for n in lens]).to(self.device)
-        starts = torch.tensor([0] + lens, dtype=torch.int32).cumsum(0).to(self.device, torch.int32)
-        tables = torch.arange(num_seqs * blocks_per_seq, dtype=torch.int32, device=self.device).view(num_seqs, -1)
-        slots = (tables.long()[:, :, None] * self.block_size + torch.arange(self.block_size, device=self.device))
-        slot_mapping = torch.cat([slots[i].flatten()[:n] for i, n in enumerate(lens)])
-        meta = AttentionMetadata(slot_mapping, starts, torch.tensor(lens, dtype=torch.int32, device=self.device),
-                                 tables, max(lens), max(lens))
-        ids = torch.randint(0, m.vocab_size, (tokens,), device=self.device)
-        hidden = m(ids, positions, list(scratch.unbind(0)), meta)
-        rows = hidden[torch.arange(min(self.config.max_num_seqs, tokens), device=self.device)]
-        logits = m.compute_logits(rows).float()
+        blocks_per_seq = cdiv(seq_len, self.block_size)
+        scratch = torch.zeros((m.num_layers, 2, len(lens) * blocks_per_seq, self.block_size, m.num_heads, m.head_dim),
+                              device=self.device, dtype=self.dtype)
+        tables = np.arange(len(lens) * blocks_per_seq, dtype=np.int32).reshape(len(lens), -1)
+        positions = np.concatenate([np.arange(n) for n in lens])
+        seq_of = np.repeat(np.arange(len(lens)), lens)
+        slots = tables[seq_of, positions // self.block_size].astype(np.int64) * self.block_size + positions % self.block_size
+        dev = self.device
+        meta = AttentionMetadata(
+            torch.from_numpy(slots).to(dev), torch.tensor(np.concatenate([[0], np.cumsum(lens)]), dtype=torch.int32, device=dev),
+            torch.tensor(lens, dtype=torch.int32, device=dev), torch.from_numpy(tables).to(dev), max(lens), max(lens),
+        )
+        ids = torch.randint(0, m.vocab_size, (tokens,), device=dev)
+        hidden = m(ids, torch.from_numpy(positions).to(dev), list(scratch.unbind(0)), meta)
+        logits = m.compute_logits(hidden[: min(self.config.max_num_seqs, tokens)]).float()
         torch.log_softmax(logits, dim=-1).sort(dim=-1)
         del scratch, hidden, logits
         torch.cuda.synchronize(self.device)
@@ -109,7 +174,7 @@ class ModelRunner:
     def _cpu_swap_cache(self) -> torch.Tensor:
         if self._cpu_cache is None:
             shape = (*self.kv_cache.shape[:2], self.num_cpu_blocks, *self.kv_cache.shape[3:])
-            self._cpu_cache = torch.empty(shape, dtype=self.dtype, pin_memory=self.device.type == "cuda")
+            self._cpu_cache = torch.empty(shape, dtype=self.dtype, pin_memory=self._pin)
         return self._cpu_cache
 
     def _move_blocks(self, sched: SchedulerOutput) -> None:
@@ -124,78 +189,123 @@ class ModelRunner:
             src, dst = zip(*sched.blocks_to_copy)
             self.kv_cache[:, :, list(dst)] = self.kv_cache[:, :, list(src)]
 
-    # ------------------------------------------------------------------ the step
+    # ------------------------------------------------------------------ per-request state
+    def _set_blocks(self, st: RunnerRequestState, block_ids: list[int], append: bool) -> None:
+        start = st.num_blocks if append else 0
+        self.block_table[st.row, start:start + len(block_ids)] = block_ids
+        st.num_blocks = start + len(block_ids)
+
     def _update_states(self, sched: SchedulerOutput) -> None:
         for req_id in sched.finished_req_ids:
-            self.requests.pop(req_id, None)
+            st = self.requests.pop(req_id, None)
+            if st is not None:
+                self._free_rows.append(st.row)
         for new in sched.new_requests:
-            self.requests[new.req_id] = RunnerRequestState(
-                list(new.token_ids), new.num_prompt_tokens, new.params, list(new.block_ids), new.sample_index,
-                new.num_computed_tokens,
-            )
+            st = RunnerRequestState(list(new.token_ids), new.num_prompt_tokens, new.params, self._free_rows.pop(), 0,
+                                    new.sample_index, new.num_computed_tokens)
+            self._set_blocks(st, new.block_ids, append=False)
+            self.requests[new.req_id] = st
         for cached in sched.cached_requests:
-            state = self.requests[cached.req_id]
+            st = self.requests[cached.req_id]
             if cached.block_ids is not None:
-                state.block_ids = list(cached.block_ids)
-            else:
-                state.block_ids.extend(cached.new_block_ids)
-            state.num_computed_tokens = cached.num_computed_tokens
+                self._set_blocks(st, cached.block_ids, append=False)
+            elif cached.new_block_ids:
+                self._set_blocks(st, cached.new_block_ids, append=True)
+            st.num_computed_tokens = cached.num_computed_tokens
+
+    # ------------------------------------------------------------------ the step
+    def _prepare(self, sched: SchedulerOutput) -> StepInputs:
+        req_ids = list(sched.num_scheduled_tokens)
+        states = [self.requests[r] for r in req_ids]
+        counts = np.fromiter(sched.num_scheduled_tokens.values(), dtype=np.int64, count=len(req_ids))
+        computed = np.fromiter((st.num_computed_tokens for st in states), dtype=np.int64, count=len(states))
+        rows = np.fromiter((st.row for st in states), dtype=np.int64, count=len(states))
+        starts = np.zeros(len(req_ids) + 1, dtype=np.int64)
+        np.cumsum(counts, out=starts[1:])
+        seq_lens = computed + counts
+        caught_up = seq_lens == np.fromiter((len(st.token_ids) for st in states), dtype=np.int64, count=len(states))
+        decode_only = bool((counts == 1).all() and caught_up.all())
+        if decode_only:  # the common case: one token each, the last one
+            ids = [st.token_ids[-1] for st in states]
+            positions = computed
+            token_rows = rows
+        else:
+            ids = [t for st, c, n in zip(states, computed, counts) for t in st.token_ids[c:c + n]]
+            seq_of = np.repeat(np.arange(len(req_ids)), counts)
+            positions = computed[seq_of] + np.arange(starts[-1]) - starts[seq_of]
+            token_rows = rows[seq_of]
+        bs = self.block_size
+        slots = self.block_table[token_rows, positions // bs].astype(np.int64) * bs + positions % bs
+
+        sample_idx = np.nonzero(caught_up)[0]
+        prompt_lp = []
+        for i, st in enumerate(states):
+            c, n = int(computed[i]), int(counts[i])
+            if st.params.prompt_logprobs is not None and c < st.num_prompt_tokens - 1:
+                prompt_lp.append((req_ids[i], int(starts[i]), c, min(c + n, st.num_prompt_tokens - 1) - c))
+            st.num_computed_tokens = c + n
+
+        width = cdiv(int(seq_lens.max()), bs)
+        self._staging.begin()
+        to_dev = self._staging.to_device
+        meta = AttentionMetadata(
+            slot_mapping=to_dev(slots, torch.int64, "slots"),
+            query_start_loc=to_dev(starts, torch.int32, "starts"),
+            seq_lens=to_dev(seq_lens, torch.int32, "seq_lens"),
+            block_tables=to_dev(self.block_table[rows, :width], torch.int32, "tables"),
+            max_query_len=int(counts.max()),
+            max_seq_len=int(seq_lens.max()),
+        )
+        inputs = StepInputs(
+            input_ids=to_dev(np.asarray(ids, dtype=np.int64), torch.int64, "ids"),
+            positions=to_dev(np.asarray(positions, dtype=np.int64), torch.int64, "positions"),
+            meta=meta, sample_rows=starts[1:][sample_idx] - 1, sample_ids=[req_ids[i] for i in sample_idx],
+            prompt_logprobs=prompt_lp, decode_only=decode_only,
+        )
+        self._staging.end()
+        return inputs
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        t0 = time.perf_counter()
         self._update_states(sched)
         self._move_blocks(sched)
         if not sched.num_scheduled_tokens:
             return ModelRunnerOutput(sampled_token_ids={})
-
-        bs = self.block_size
-        ids, positions, slots, starts, seq_lens, tables = [], [], [], [0], [], []
-        sample_rows, sample_ids = [], []
-        prompt_lp: list[tuple[str, int, int, int]] = []  # (req, first row, first position, count)
-        for req_id, n in sched.num_scheduled_tokens.items():
-            st = self.requests[req_id]
-            c = st.num_computed_tokens
-            ids += st.token_ids[c:c + n]
-            positions += range(c, c + n)
-            slots += [st.block_ids[p // bs] * bs + p % bs for p in range(c, c + n)]
-            if st.params.prompt_logprobs is not None and c < st.num_prompt_tokens - 1:
-                prompt_lp.append((req_id, starts[-1], c, min(c + n, st.num_prompt_tokens - 1) - c))
-            starts.append(starts[-1] + n)
-            seq_lens.append(c + n)
-            tables.append(st.block_ids)
-            if c + n == len(st.token_ids):  # caught up: this step's last logits give the next token
-                sample_rows.append(starts[-1] - 1)
-                sample_ids.append(req_id)
-            st.num_computed_tokens = c + n
-
-        dev = self.device
-        width = max(len(t) for t in tables)
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=dev),
-            max_query_len=max(b - a for a, b in zip(starts, starts[1:])),
-            max_seq_len=max(seq_lens),
-        )
-        hidden = self.model(torch.tensor(ids, device=dev), torch.tensor(positions, device=dev), self.kv_caches, meta)
+        inputs = self._prepare(sched)
+        t1 = time.perf_counter()
 
         out = ModelRunnerOutput(sampled_token_ids={})
-        for req_id, row, pos, count in prompt_lp:
-            out.prompt_logprobs[req_id] = self._prompt_logprobs(self.requests[req_id], hidden[row:row + count], pos)
-        if sample_rows:
-            logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=dev)])
+        num_seqs = len(sched.num_scheduled_tokens)
+        if inputs.decode_only and self.graphs is not None and self.graphs.fits(num_seqs):
+            logits = self.graphs.run(inputs.input_ids, inputs.positions, inputs.meta)
+        else:
+            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
+            for req_id, row, pos, count in inputs.prompt_logprobs:
+                out.prompt_logprobs[req_id] = self._prompt_logprobs(self.requests[req_id], hidden[row:row + count], pos)
+            logits = None
+            if len(inputs.sample_ids):
+                rows = torch.from_numpy(inputs.sample_rows).to(self.device)
+                logits = self.model.compute_logits(hidden[rows])
+        t2 = time.perf_counter()
+
+        if logits is not None:
             rows = []
-            for req_id in sample_ids:
+            for req_id in inputs.sample_ids:
                 st = self.requests[req_id]
-                p = st.num_prompt_tokens
-                rows.append(SamplingRow(st.params, st.token_ids[:p], st.token_ids[p:], st.sample_index))
+                rows.append(SamplingRow(st.params, st.token_ids, st.num_prompt_tokens, st.sample_index))
             tokens, logprobs = self.sampler(logits, rows)
-            for req_id, token, lp in zip(sample_ids, tokens, logprobs):
+            for req_id, token, lp in zip(inputs.sample_ids, tokens, logprobs):
                 self.requests[req_id].token_ids.append(token)
                 out.sampled_token_ids[req_id] = [token]
                 if lp is not None:
                     out.logprobs[req_id] = [lp]
+        t3 = time.perf_counter()
+        tm = self.timing
+        tm["steps"] += 1
+        tm["prepare_s"] += t1 - t0
+        tm["forward_s"] += t2 - t1  # launch time: the GPU runs on asynchronously until sampling reads tokens
+        tm["sample_s"] += t3 - t2
         return out
 
     def _prompt_logprobs(self, st: RunnerRequestState, hidden: torch.Tensor, first_pos: int) -> list:

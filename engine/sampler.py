@@ -19,15 +19,31 @@ _SEED_MASK = (1 << 63) - 1
 @dataclass
 class SamplingRow:
     params: SamplingParams
-    prompt_token_ids: list[int]
-    output_token_ids: list[int]
+    token_ids: list[int]  # prompt + output; sliced only when a penalty needs it
+    num_prompt_tokens: int
     sample_index: int
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[:self.num_prompt_tokens]
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
 
 
 def position_seed(seed: int, sample_index: int, position: int) -> int:
     """The seed of one draw depends only on (request seed, sample, output position): a seeded request gives
     the same tokens whatever it is batched with and however often it is preempted."""
     return (seed * 1_000_003 + sample_index * 104_729 + position * 7_919 + 1) & _SEED_MASK
+
+
+def _has_penalty(p: SamplingParams) -> bool:
+    return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
 
 
 def token_logprobs(logprobs: torch.Tensor, tokens: torch.Tensor, num_top: list[int]) -> list[TokenLogprobs]:
@@ -52,16 +68,18 @@ class Sampler:
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> tuple[list[int], list[TokenLogprobs | None]]:
-        logits = logits.float()
         want_logprobs = [r.params.logprobs is not None for r in rows]
+        greedy = [r.params.greedy for r in rows]
+        if all(greedy) and not any(want_logprobs) and not any(_has_penalty(r.params) for r in rows):
+            return logits.argmax(dim=-1).tolist(), [None] * len(rows)  # the common benchmark case
+        logits = logits.float()
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
 
         logits = self._apply_penalties(logits, rows)
-        greedy = torch.tensor([r.params.greedy for r in rows], device=self.device)
         tokens = logits.argmax(dim=-1)
-        if not bool(greedy.all()):
+        if not all(greedy):
             sampled = self._sample(logits, rows)
-            tokens = torch.where(greedy, tokens, sampled)
+            tokens = torch.where(torch.tensor(greedy, device=self.device), tokens, sampled)
 
         logprobs: list[TokenLogprobs | None] = [None] * len(rows)
         if raw_logprobs is not None:
@@ -72,8 +90,7 @@ class Sampler:
         return tokens.tolist(), logprobs
 
     def _apply_penalties(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-        need = [i for i, r in enumerate(rows) if r.params.repetition_penalty != 1.0
-                or r.params.presence_penalty != 0.0 or r.params.frequency_penalty != 0.0]
+        need = [i for i, r in enumerate(rows) if _has_penalty(r.params)]
         if not need:
             return logits
         vocab = logits.shape[1]
@@ -120,7 +137,7 @@ class Sampler:
         for i, r in enumerate(rows):
             if r.params.seed is not None:
                 gen = torch.Generator(device=self.device).manual_seed(
-                    position_seed(r.params.seed, r.sample_index, len(r.output_token_ids)))
+                    position_seed(r.params.seed, r.sample_index, r.num_output_tokens))
                 noise[i].exponential_(generator=gen)
         # A masked token has p = 0; clamping keeps 0 / 0 (NaN, which argmax would pick) out.
         return (probs / noise.clamp_min(1e-20)).argmax(dim=-1)

@@ -70,7 +70,7 @@ def test_truncation_never_emits_a_disallowed_token(vocab, data_seed, temperature
     logits[torch.randint(vocab, (2,), generator=gen)] = logits.max()  # ties at the top make it harder
     allowed = allowed_tokens(logits, temperature, top_k, top_p, min_p)
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
-    rows = [SamplingRow(params, [0], [], 0)] * 64
+    rows = [SamplingRow(params, [0], 1, 0)] * 64
     tokens, _ = Sampler(torch.device("cpu"), seed=data_seed)(logits.repeat(64, 1), rows)
     assert set(tokens) <= allowed
 
@@ -79,7 +79,7 @@ def test_sampling_follows_the_distribution():
     """With no truncation, 20k draws over 4 tokens land within 2% of softmax(logits)."""
     logits = torch.tensor([1.0, 0.0, -1.0, 0.5])
     params = SamplingParams(temperature=1.0)
-    tokens, _ = Sampler(torch.device("cpu"), seed=1)(logits.repeat(20_000, 1), [SamplingRow(params, [0], [], 0)] * 20_000)
+    tokens, _ = Sampler(torch.device("cpu"), seed=1)(logits.repeat(20_000, 1), [SamplingRow(params, [0], 1, 0)] * 20_000)
     freq = torch.bincount(torch.tensor(tokens), minlength=4).double() / 20_000
     assert torch.allclose(freq, torch.softmax(logits.double(), 0), atol=0.02)
 
@@ -88,16 +88,16 @@ def test_penalties_change_the_greedy_choice():
     sampler = Sampler(torch.device("cpu"))
     logits = torch.tensor([[2.0, 1.9, -1.0, 0.5]] * 4)
     rows = [
-        SamplingRow(SamplingParams(temperature=0), [3], [0], 0),  # no penalty: token 0
-        SamplingRow(SamplingParams(temperature=0, frequency_penalty=0.2), [3], [0], 0),  # 2.0 - 0.2 < 1.9
-        SamplingRow(SamplingParams(temperature=0, presence_penalty=0.2), [3], [0, 0], 0),
-        SamplingRow(SamplingParams(temperature=0, repetition_penalty=1.1), [0], [], 0),  # 2.0 / 1.1 < 1.9
+        SamplingRow(SamplingParams(temperature=0), [3, 0], 1, 0),  # no penalty: token 0
+        SamplingRow(SamplingParams(temperature=0, frequency_penalty=0.2), [3, 0], 1, 0),  # 2.0 - 0.2 < 1.9
+        SamplingRow(SamplingParams(temperature=0, presence_penalty=0.2), [3, 0, 0], 1, 0),
+        SamplingRow(SamplingParams(temperature=0, repetition_penalty=1.1), [0], 1, 0),  # 2.0 / 1.1 < 1.9
     ]
     tokens, _ = sampler(logits, rows)
     assert tokens == [0, 1, 1, 1]
     # Repetition penalty multiplies negative logits: a seen token at -1.0 falls further behind.
     logits = torch.tensor([[-1.0, -1.05]])
-    assert sampler(logits, [SamplingRow(SamplingParams(temperature=0, repetition_penalty=2.0), [0], [], 0)])[0] == [1]
+    assert sampler(logits, [SamplingRow(SamplingParams(temperature=0, repetition_penalty=2.0), [0], 1, 0)])[0] == [1]
 
 
 def test_stop_strings_across_token_boundaries(make_engine):
