@@ -47,6 +47,13 @@ def test_baseline_scale_specs():
     assert offline.parse_baseline_scales([])("hf-generate", "W1") == 1.0
     with pytest.raises(ValueError):
         offline.parse_baseline_scales(["W9=0.5"])
+    # hf-generate's scale-down keeps whole batches of the sorted plan, one from the middle of each stratum.
+    w2 = offline.build_workload("W2", 1.0, 50257, 1024)
+    plan = offline.static_batch_plan(w2, 128)
+    sub, note = offline.sample_static_batches(w2, 128, 0.25)
+    assert len(plan) == 8 and "batches [3, 7] of the 8" in note
+    replanned = offline.static_batch_plan(sub, 128)
+    assert [[sub.out_lens[i] for i in b] for b in replanned] == [[w2.out_lens[i] for i in plan[k]] for k in (2, 6)]
 
 
 def test_harness_end_to_end(model_dir, tmp_path):
@@ -77,7 +84,11 @@ def test_harness_end_to_end(model_dir, tmp_path):
         n = 1 if w == "W3" else len(wl.prompts)
         assert ours["num_requests"] == n
         assert ours["output_tokens"] == sum(wl.out_lens[:n])
-        assert by[(w, "hf-generate")].get("errors") == 0, by[(w, "hf-generate")].get("error")
+        if w != "W3":  # every request produced exactly its length, counted from the outputs themselves
+            assert ours["generated_output_tokens"] == ours["output_tokens"]
+        hf = by[(w, "hf-generate")]
+        assert hf.get("errors") == 0, hf.get("error")
+        assert w == "W3" or hf["generated_output_tokens"] == hf["output_tokens"]
         assert "ratio_to_hf-generate" in ours
     w3 = by[("W3", "ours")]
     assert w3["runs"] == 5 and len(w3["tpot_ms_runs"]) == 5 and w3["tpot_ms_p50"] > 0 and w3["ttft_ms_p50"] > 0
@@ -90,6 +101,7 @@ def test_harness_end_to_end(model_dir, tmp_path):
     if any("error" in r for r in cb):
         pytest.skip(f"hf-generate_batch unavailable here: {[r.get('error') for r in cb]}")
     assert all(r["errors"] == 0 and r["out_tok_s"] > 0 for r in cb)
+    assert all(r["generated_output_tokens"] == r["output_tokens"] for r in cb)
     w2 = offline.build_workload("W2", SCALE, vocab, context)
     half = w2.head(round(0.5 * len(w2.prompts)))
     assert cb[1]["num_requests"] == len(half.prompts) and cb[1]["baseline_scale"] == 0.5
@@ -103,7 +115,7 @@ def test_failing_baseline_is_recorded_not_fatal(model_dir, tmp_path, monkeypatch
     monkeypatch.setattr(offline, "hf_static_batches", broken)
     out = tmp_path / "r.json"
     records = offline.main(["--workloads", "W1,W3", "--model", str(model_dir), *CPU_ENGINE, "--scale", "0.01",
-                            "--no-ours", "--baselines", "hf-generate", "--baseline-w3-runs", "2",
+                            "--no-ours", "--baselines", "hf-generate", "--hf-generate-w3-runs", "2",
                             "--out", str(out)])
     by = {(r["workload"], r["engine"]): r for r in records}
     assert "out of memory, say" in by[("W1", "hf-generate")]["error"]
