@@ -50,9 +50,11 @@ class GPT2Block(nn.Module):
         self.ln_2 = LayerNorm(hidden, eps)
         self.mlp = GPT2MLP(hidden, inner)
 
-    def forward(self, x, kv_cache, meta):
-        x = x + self.attn(self.ln_1(x), kv_cache, meta)
-        return x + self.mlp(self.ln_2(x))
+    def forward(self, h, residual, kv_cache, meta, next_norm: LayerNorm):
+        """``h`` is ``ln_1(residual)``; returns ``(next_norm(new residual), new residual)``, so that each
+        residual add is fused with the LayerNorm that follows it."""
+        h, residual = self.ln_2.add_forward(self.attn(h, kv_cache, meta), residual)
+        return next_norm.add_forward(self.mlp(h), residual)
 
 
 class GPT2LMHeadModel(nn.Module):
@@ -73,10 +75,12 @@ class GPT2LMHeadModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 meta: AttentionMetadata) -> torch.Tensor:
         """Hidden states after the final LayerNorm, one row per token of the flat batch."""
-        x = self.wte(input_ids) + self.wpe(positions)
-        for layer, kv_cache in zip(self.h, kv_caches):
-            x = layer(x, kv_cache, meta)
-        return self.ln_f(x)
+        residual = self.wte(input_ids) + self.wpe(positions)
+        h = self.h[0].ln_1(residual)
+        for i, (layer, kv_cache) in enumerate(zip(self.h, kv_caches)):
+            next_norm = self.h[i + 1].ln_1 if i + 1 < len(self.h) else self.ln_f
+            h, residual = layer(h, residual, kv_cache, meta, next_norm)
+        return h
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.wte.weight)  # the LM head is tied to the token embedding
