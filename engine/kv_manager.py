@@ -79,10 +79,16 @@ class KVCacheManager:
         A block this step writes into that another sequence still references is copied first (copy-on-write):
         the copy replaces it in this table and is queued in ``pending_copies``.
         """
-        table = self.tables.setdefault(req.request_id, [])
-        first_written = req.num_computed_tokens // self.block_size
-        shared = [i for i in range(first_written, len(table)) if self.pool.ref_counts[table[i]] > 1]
-        num_new = max(self.blocks_for(req.num_computed_tokens + num_new_tokens) - len(table), 0)
+        table = self.tables.get(req.request_id)
+        if table is None:
+            table = self.tables[req.request_id] = []
+        computed = req.num_computed_tokens
+        first_written = computed // self.block_size
+        refs = self.pool.ref_counts
+        shared = [i for i in range(first_written, len(table)) if refs[table[i]] > 1]
+        num_new = max(-(-(computed + num_new_tokens) // self.block_size) - len(table), 0)
+        if not num_new and not shared:
+            return []  # the common decode step: the token fits the last block, which this sequence owns
         blocks = self.pool.allocate(num_new + len(shared))
         if blocks is None:
             return None
