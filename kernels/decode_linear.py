@@ -1,0 +1,505 @@
+"""Fused small-batch linear layer for decode: ``act(LN(x) @ W.T + bias) + residual`` in one pass over ``W``.
+
+At decode batch sizes (M <= 16 rows) a linear layer is a matrix-vector product: every weight byte is used by at
+most 16 multiply-adds, so the only cost that matters is streaming ``W`` from HBM once, and the per-kernel latency
+of the elementwise ops around it. ``fused_linear`` therefore folds the GPT-2 block's LayerNorm into the matmul's
+prologue and the bias, tanh-GELU and residual add into its epilogue, so a block is four kernels:
+``[LN1 + c_attn + bias] -> attention -> [c_proj + bias + residual] -> [LN2 + c_fc + bias + gelu] ->
+[c_proj + bias + residual]``.
+
+Work decomposition (``W`` is ``[N, K]``, the ``F.linear`` layout, so each output row's weights are contiguous):
+
+* Grid axis 0 tiles N by ``BLOCK_N`` weight rows; each program streams its ``[BLOCK_N, K]`` slice ``BLOCK_K``
+  columns at a time with 16-byte vector loads (``evict_first``: the weights are read once, keep L2 for x).
+* Grid axis 1 splits K ("split-K") when N alone gives too few programs to keep every SM's loads in flight
+  (e.g. ``mlp.c_proj``: N=1600 is 25 tiles of 64 rows on 132 SMs). The K chunks are dealt out evenly
+  (split s gets chunks ``[s*C//S, (s+1)*C//S)``). Each split writes its fp32 partial ``[M, BLOCK_N]`` tile to a
+  workspace, then either
+    - ``split_mode="serial"`` (default): bumps a per-tile arrival counter; the program that arrives last sums the
+      S partials in split order (so the result does not depend on which program finished last: deterministic),
+      runs the epilogue and resets the counter to 0 for the next launch / CUDA-graph replay. One kernel.
+    - ``split_mode="two_pass"``: a second small kernel does that sum + epilogue. Simpler memory-ordering story,
+      one more launch.
+  Both give bitwise-identical results (same summation order, same epilogue code).
+* The product itself has two code paths (``path``):
+    - ``"dot"``: ``tl.dot(W_tile [BLOCK_N, BLOCK_K], xT [BLOCK_K, 16])`` -- the small batch is padded to the 16
+      columns the tensor cores need (the wasted MMA work is free; the kernel is memory bound). The weight tile is
+      the MMA's "A" side, so the large dimension feeds the instruction's M=64 rows ("swap AB").
+    - ``"fma"`` (M == 1 only): broadcast-multiply into a ``[BLOCK_N, BLOCK_K]`` fp32 register accumulator, reduced
+      across K once after the loop, so the loop is pure loads + converts + FMAs with no cross-lane reduction.
+      Triton only pipelines loads that feed a ``tl.dot``, so this loop prefetches the next weight chunk itself.
+      Default tile 4 x 1024 with 4 warps: 8 contiguous K per thread x 32 lanes x 4 warps spans the chunk, so x's
+      chunk lands directly in the layout the FMAs need (other shapes shuffle it through shared memory).
+* LayerNorm prologue: every program needs each row's mean and rstd over the full K, but x is tiny (<= 16 x 6400
+  halves = 200 KB, L2/L1-resident), so each program computes them itself in a first loop over x (one pass of
+  shifted sums: ``sum(x - x0)`` and ``sum((x - x0)^2)`` with x0 the row's first element, which takes a large
+  common offset out before squaring, so E[d^2] - E[d]^2 does not cancel), then normalises each x chunk on the fly
+  in the main loop (in fp32; the "dot" path rounds the normalised chunk to the weight dtype for the tensor cores,
+  as the unfused path rounds the LN output). No extra kernel, no extra launch. The price: at M=16 every program
+  re-reads all of x from L2/L1 (up to 51 KB at K=1600) -- small next to its weight slice, but not nothing.
+
+Everything is CUDA-graph capturable: no host syncs, the grid depends only on shapes, and the split-K workspace
+and counters are cached per device (allocate them before capture by calling once eagerly, as any warm-up does;
+if capture finds them too small the call falls back to split=1 rather than allocating). The cached workspace
+is shared by all calls on a device, so calls must be ordered on one stream (they are, in the model).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_M = 16  # rows handled by one program column; use_fused_linear() gates the model on it
+
+# Defaults per code path; benchmarks/decode_linear_gpu.py sweeps these and prints replacements.
+# split: "auto" (see _auto_split) or a fixed number of K splits; split_mode: "serial" | "two_pass".
+# w_evict: L2 eviction hint of the weight loads ("" = default policy).
+DOT_CONFIG = {"path": "dot", "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 4,
+              "split": "auto", "split_mode": "serial", "w_evict": "evict_first"}
+# fma: block_k == 8 * 32 * num_warps makes the x vector's layout the weight tile's column slice (no shared-memory
+# shuffle per chunk); few rows per tile then give enough programs without split-K.
+FMA_CONFIG = {"path": "fma", "block_n": 4, "block_k": 1024, "num_warps": 4, "num_stages": 1,
+              "split": "auto", "split_mode": "serial", "w_evict": "evict_first", "prefetch": True}
+# Per-shape overrides, keyed (K, N, m_bucket) with m_bucket in (1, 4, 16): the smallest bucket >= M.
+# Filled from the GPU sweep (the benchmark prints this dict).
+TUNED_CONFIGS: dict[tuple[int, int, int], dict] = {}
+
+# Split-K heuristic: aim for this many programs per SM (memory-level parallelism) ...
+SPLIT_TARGET_PROGRAMS_PER_SM = {"dot": 2, "fma": 4}
+# ... but give every split at least this many K columns (below that the partial round trip costs more) ...
+SPLIT_MIN_K = 256
+SPLIT_MAX = 16
+
+@triton.jit
+def _gelu_tanh(h):
+    """GPT-2's gelu_new. 0.5 * (1 + tanh(u)) == sigmoid(2u), evaluated through z = exp(-2|u|) in (0, 1] so that
+    nothing overflows for large |h|."""
+    inner = 0.7978845608028654 * (h + 0.044715 * h * h * h)
+    z = tl.exp(-2.0 * tl.abs(inner))
+    return h * tl.where(inner >= 0, 1.0, z) / (1.0 + z)
+
+
+@triton.jit
+def _row_stats(x_ptr, stride_xm, rows, K, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Mean and 1/std over the K columns of x's rows ``rows`` ([BLOCK_M] row indices, already clamped to valid
+    rows), fp32. One pass of sums shifted by each row's first element: the naive E[x^2] - E[x]^2 cancels
+    catastrophically when |mean| >> std, the shifted one only if the first element is itself far off."""
+    row_ptr = x_ptr + rows[:, None] * stride_xm  # [BLOCK_M, 1]
+    shift = tl.load(x_ptr + rows * stride_xm).to(tl.float32)  # [BLOCK_M]
+    # Element-wise partial sums, reduced across lanes once after the loop (not a cross-warp reduction per chunk).
+    s1 = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+    s2 = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k[None, :] < K
+        t = tl.load(row_ptr + offs_k[None, :], mask=k_ok, other=0.0).to(tl.float32)
+        d = tl.where(k_ok, t - shift[:, None], 0.0)
+        s1 += d
+        s2 += d * d
+    s1 = tl.sum(s1, axis=1)
+    s2 = tl.sum(s2, axis=1)
+    mean_d = s1 / K
+    var = tl.maximum(s2 / K - mean_d * mean_d, 0.0)
+    return shift + mean_d, 1.0 / tl.sqrt(var + eps)
+
+
+@triton.jit
+def _load_w_chunk(w_row_ptr, c, K, live, USE_LIVE: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                  W_EVICT: tl.constexpr):
+    """Weight columns [c*BLOCK_K, (c+1)*BLOCK_K) of the program's rows: [BLOCK_N, BLOCK_K]; past K reads 0.
+    With USE_LIVE the scalar ``live`` predicates the whole load. The K mask is uniform over aligned groups of 16
+    (K % 16 == 0 gets specialised), so the loads stay 16-byte vectors; with EVEN_K there is none at all."""
+    offs_k = c * BLOCK_K + tl.arange(0, BLOCK_K)
+    ptr = w_row_ptr + offs_k[None, :]
+    if EVEN_K and not USE_LIVE:
+        w = tl.load(ptr, eviction_policy=W_EVICT)
+    else:
+        if USE_LIVE:
+            k_end = tl.where(live, K, 0)  # a dead load masks every column (K and 0: still 16-aligned bounds)
+        else:
+            k_end = K
+        w = tl.load(ptr, mask=(offs_k < k_end)[None, :], other=0.0, eviction_policy=W_EVICT)
+    return w
+
+
+@triton.jit
+def _load_x_chunk(row_ptr, c, K, AXIS: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """x columns of chunk c as fp32: along axis 0 ([BLOCK_K, BLOCK_M], row_ptr a [1, BLOCK_M] tensor of row
+    pointers) or, with AXIS == -1, a 1-D [BLOCK_K] vector of the single row at scalar row_ptr. Past K reads
+    exactly 0: those columns must add nothing to the product."""
+    offs_k = c * BLOCK_K + tl.arange(0, BLOCK_K)
+    if AXIS == 0:
+        ptr = row_ptr + offs_k[:, None]
+        ok = (offs_k < K)[:, None]
+    else:
+        ptr = row_ptr + offs_k
+        ok = offs_k < K
+    if EVEN_K:
+        t = tl.load(ptr, eviction_policy="evict_last")
+    else:
+        t = tl.load(ptr, mask=ok, other=0.0, eviction_policy="evict_last")
+    return t.to(tl.float32)
+
+
+@triton.jit
+def _layernorm_chunk(t, mean, rstd, lnw_ptr, lnb_ptr, c, K, AXIS: tl.constexpr, HAS_LN_BIAS: tl.constexpr,
+                     BLOCK_K: tl.constexpr):
+    """(t - mean) * rstd * gamma + beta for one chunk laid out as by _load_x_chunk(AXIS); gamma/beta read 0 past
+    K, so padded columns stay 0."""
+    offs_k = c * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_ok = offs_k < K
+    g = tl.load(lnw_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+    if AXIS == 0:
+        g = g[:, None]
+    t = (t - mean) * (rstd * g)
+    if HAS_LN_BIAS:
+        b = tl.load(lnb_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+        if AXIS == 0:
+            b = b[:, None]
+        t += b
+    return t
+
+
+@triton.jit
+def _epilogue(acc, offs_n, offs_m, N, M, bias_ptr, res_ptr, out_ptr, stride_rm, stride_om,
+              HAS_BIAS: tl.constexpr, ACT_GELU: tl.constexpr, HAS_RES: tl.constexpr):
+    """acc: fp32 [BLOCK_N, BLOCK_M] tile of (LN(x) @ W.T)^T. Adds bias, applies GELU, adds the residual (in fp32)
+    and rounds once into out."""
+    n_ok = offs_n < N
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+    if ACT_GELU:
+        acc = _gelu_tanh(acc)
+    mask = n_ok[:, None] & (offs_m < M)[None, :]
+    if HAS_RES:
+        acc += tl.load(res_ptr + offs_m[None, :] * stride_rm + offs_n[:, None], mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs_m[None, :] * stride_om + offs_n[:, None], acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# M is not specialised (Triton would otherwise compile separate variants for M == 1, M % 16 == 0 and the rest):
+# one binary serves every batch size, which keeps warm-up / CUDA-graph capture and the tuning sweep short.
+@triton.jit(do_not_specialize=["M"])
+def _fused_linear_kernel(
+    x_ptr, w_ptr, bias_ptr, lnw_ptr, lnb_ptr, res_ptr, out_ptr, ws_ptr, cnt_ptr,
+    M, N, K, ln_eps,
+    stride_xm, stride_wn, stride_rm, stride_om,
+    HAS_BIAS: tl.constexpr, HAS_LN: tl.constexpr, HAS_LN_BIAS: tl.constexpr,
+    ACT_GELU: tl.constexpr, HAS_RES: tl.constexpr,
+    SPLIT_MODE: tl.constexpr,  # 0: no split-K; 1: serial (last arriver reduces); 2: partials only (two-pass)
+    USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+    W_EVICT: tl.constexpr,  # L2 policy of the weight stream ("evict_first": read once, keep x and the rest)
+    PREFETCH: tl.constexpr,  # "fma" path: request the next weight chunk before computing on this one
+):
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    n_splits = tl.num_programs(1)
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    # Clamp instead of masking: rows past N re-read row N-1 and padded batch rows re-read row M-1, so the weight
+    # and x loads of the main loop need no predicate (with EVEN_K, none at all). Those lanes are never stored.
+    rows_w = tl.minimum(offs_n, N - 1).to(tl.int64)
+    rows_x = tl.minimum(offs_m, M - 1)
+    w_row_ptr = w_ptr + rows_w[:, None] * stride_wn  # [BLOCK_N, 1]
+
+    if HAS_LN:
+        mean, rstd = _row_stats(x_ptr, stride_xm, rows_x, K, ln_eps, BLOCK_M, BLOCK_K)
+
+    # This split's share of the K chunks, dealt out evenly.
+    n_chunks = tl.cdiv(K, BLOCK_K)
+    c_lo = pid_s * n_chunks // n_splits
+    c_hi = (pid_s + 1) * n_chunks // n_splits
+
+    if USE_DOT:
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        for c in range(c_lo, c_hi):
+            w = _load_w_chunk(w_row_ptr, c, K, 0, False, BLOCK_K, EVEN_K, W_EVICT)
+            # x chunk, transposed to [BLOCK_K, BLOCK_M] (the MMA's "B"), normalised in fp32, then rounded to the
+            # weight dtype for the tensor cores.
+            xt = _load_x_chunk(x_ptr + rows_x[None, :] * stride_xm, c, K, 0, BLOCK_K, EVEN_K)
+            if HAS_LN:
+                xt = _layernorm_chunk(xt, mean[None, :], rstd[None, :], lnw_ptr, lnb_ptr, c, K, 0,
+                                      HAS_LN_BIAS, BLOCK_K)
+            acc += tl.dot(w, xt.to(w.dtype), input_precision=DOT_PRECISION)
+    else:
+        # BLOCK_M == 1. Triton's pipeliner only stages loads that feed a tl.dot, so with PREFETCH the loop
+        # software-pipelines itself: chunk c+1's weights are requested before chunk c's FMAs are issued (the
+        # request past this split's last chunk is predicated off, costing no traffic).
+        acc2 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        if HAS_LN:  # [1] -> scalars
+            mean_1 = tl.sum(mean, axis=0)
+            rstd_1 = tl.sum(rstd, axis=0)
+        if PREFETCH:
+            w_next = _load_w_chunk(w_row_ptr, c_lo, K, c_lo < c_hi, True, BLOCK_K, EVEN_K, W_EVICT)
+        for c in range(c_lo, c_hi):
+            if PREFETCH:
+                w = w_next
+                w_next = _load_w_chunk(w_row_ptr, c + 1, K, c + 1 < c_hi, True, BLOCK_K, EVEN_K, W_EVICT)
+            else:
+                w = _load_w_chunk(w_row_ptr, c, K, 0, False, BLOCK_K, EVEN_K, W_EVICT)
+            # The single row as a 1-D vector: broadcasting it against the weight tile lets the compiler load
+            # it straight into the layout the FMAs need (a 2-D [1, BLOCK_K] load was shuffled through shared
+            # memory every iteration).
+            xr = _load_x_chunk(x_ptr, c, K, -1, BLOCK_K, EVEN_K)
+            if HAS_LN:
+                xr = _layernorm_chunk(xr, mean_1, rstd_1, lnw_ptr, lnb_ptr, c, K, -1, HAS_LN_BIAS, BLOCK_K)
+            acc2 += w.to(tl.float32) * xr[None, :]
+        acc = tl.sum(acc2, axis=1)[:, None]  # the one cross-lane reduction: [BLOCK_N, 1]
+
+    if SPLIT_MODE == 0:
+        _epilogue(acc, offs_n, offs_m, N, M, bias_ptr, res_ptr, out_ptr, stride_rm, stride_om,
+                  HAS_BIAS, ACT_GELU, HAS_RES)
+    else:
+        # Partial tile -> workspace [S, M, N] (fp32).
+        ws_mask = (offs_n < N)[:, None] & (offs_m < M)[None, :]
+        ws_tile = offs_m[None, :] * N + offs_n[:, None]
+        tl.store(ws_ptr + pid_s * M * N + ws_tile, acc, mask=ws_mask)
+        if SPLIT_MODE == 1:
+            # Make every thread's partial stores happen-before the release below (the scalar atomic is issued by
+            # one thread; the barrier + a gpu-scope release make the whole CTA's stores visible, as in CUTLASS's
+            # split-K semaphore).
+            tl.debug_barrier()
+            arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+            if arrived == n_splits - 1:
+                # Last split of this N tile: every other partial is visible (acquire above). Sum in split order,
+                # not arrival order, so the result is deterministic. .cg: read L2, never a stale L1 line.
+                total = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+                for s in range(0, n_splits):
+                    total += tl.load(ws_ptr + s * M * N + ws_tile, mask=ws_mask, other=0.0, cache_modifier=".cg")
+                _epilogue(total, offs_n, offs_m, N, M, bias_ptr, res_ptr, out_ptr, stride_rm, stride_om,
+                          HAS_BIAS, ACT_GELU, HAS_RES)
+                # Re-arm the counter for the next launch (and the next CUDA-graph replay). Nobody else touches it
+                # before this kernel ends: all n_splits programs of this tile have arrived.
+                tl.atomic_xchg(cnt_ptr + pid_n, 0)
+
+
+@triton.jit
+def _splitk_reduce_kernel(ws_ptr, bias_ptr, res_ptr, out_ptr, M, N, n_splits, stride_rm, stride_om,
+                          HAS_BIAS: tl.constexpr, ACT_GELU: tl.constexpr, HAS_RES: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """split_mode="two_pass": sum the S partials in split order (same order as the serial path) + epilogue."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    mask = (offs_n < N)[:, None] & (offs_m < M)[None, :]
+    tile = offs_m[None, :] * N + offs_n[:, None]
+    total = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    for s in range(0, n_splits):
+        total += tl.load(ws_ptr + s * M * N + tile, mask=mask, other=0.0)
+    _epilogue(total, offs_n, offs_m, N, M, bias_ptr, res_ptr, out_ptr, stride_rm, stride_om,
+              HAS_BIAS, ACT_GELU, HAS_RES)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Host side
+
+
+def use_fused_linear(m: int, device) -> bool:
+    """Whether the model should route a linear layer with ``m`` rows through ``fused_linear``."""
+    return torch.device(device).type == "cuda" and 0 < m <= MAX_M
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # interpreter: only matters for the split heuristic
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+# Split-K scratch, per device: fp32 partials and int32 arrival counters (zero between launches: the last
+# arriver of each tile resets its counter). Sized generously on first use so that steady-state calls, and CUDA
+# graph captures after a warm-up call, never allocate.
+_WS_MIN_ELEMS = 1 << 21  # 8 MiB of fp32: S * M * N for every GPT-2 XL layer at M=16 with S <= 16
+_CNT_MIN_ELEMS = 1 << 14
+_WORKSPACE: dict[tuple[str, int | None], torch.Tensor] = {}
+_COUNTERS: dict[tuple[str, int | None], torch.Tensor] = {}
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _scratch(device: torch.device, ws_elems: int, cnt_elems: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The cached workspace and counters, grown if needed; None if they are too small during graph capture."""
+    key = (device.type, device.index)
+    ws, cnt = _WORKSPACE.get(key), _COUNTERS.get(key)
+    if ws is None or ws.numel() < ws_elems or cnt is None or cnt.numel() < cnt_elems:
+        if _capturing(device):
+            return None
+        if ws is None or ws.numel() < ws_elems:
+            ws = torch.empty(max(ws_elems, _WS_MIN_ELEMS), dtype=torch.float32, device=device)
+            _WORKSPACE[key] = ws
+        if cnt is None or cnt.numel() < cnt_elems:
+            cnt = torch.zeros(max(cnt_elems, _CNT_MIN_ELEMS), dtype=torch.int32, device=device)
+            _COUNTERS[key] = cnt
+    return ws, cnt
+
+
+def _m_bucket(m: int) -> int:
+    return 1 if m <= 1 else 4 if m <= 4 else 16
+
+
+def _auto_split(tiles: int, k: int, block_k: int, path: str, device: torch.device) -> int:
+    target = SPLIT_TARGET_PROGRAMS_PER_SM[path] * _sm_count(device)
+    want = max(1, round(target / tiles))
+    return max(1, min(want, k // SPLIT_MIN_K, triton.cdiv(k, block_k), SPLIT_MAX))
+
+
+def resolve_config(m: int, n: int, k: int, device, config: dict | None = None) -> dict:
+    """The launch configuration ``fused_linear`` uses for an [m, k] x [n, k]^T product (``config`` entries
+    override the defaults / tuned table), with ``split`` resolved to a number."""
+    device = torch.device(device)
+    config = dict(config or {})
+    tuned = TUNED_CONFIGS.get((k, n, _m_bucket(m)))
+    if "path" in config or tuned is None:  # an explicit path starts from that path's defaults, not the table
+        path = config.get("path") or ("fma" if m == 1 else "dot")
+        base = FMA_CONFIG if path == "fma" else DOT_CONFIG
+    else:
+        base = tuned
+    cfg = {**base, **config}
+    if cfg["path"] == "fma" and m != 1:  # the register-accumulator path handles one row only
+        cfg = {**DOT_CONFIG, **{key: v for key, v in config.items() if key != "path"}, "path": "dot"}
+    if cfg["path"] == "dot":  # tl.dot needs every tile dimension >= 16
+        cfg["block_n"] = max(16, cfg["block_n"])
+        cfg["block_k"] = max(16, cfg["block_k"])
+    tiles = triton.cdiv(n, cfg["block_n"])
+    split = cfg["split"]
+    split = _auto_split(tiles, k, cfg["block_k"], cfg["path"], device) if split == "auto" else int(split)
+    cfg["split"] = max(1, min(split, triton.cdiv(k, cfg["block_k"])))  # every split gets >= 1 chunk
+    return cfg
+
+
+def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
+    t = t.reshape(-1, n)
+    return t if t.stride(1) == 1 else t.contiguous()
+
+
+def fused_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    ln_weight: torch.Tensor | None = None,
+    ln_bias: torch.Tensor | None = None,
+    ln_eps: float = 1e-5,
+    activation: str | None = None,
+    residual: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """``act(LayerNorm(x) @ weight.T + bias) + residual`` for a small batch, one pass over ``weight``.
+
+    x: [..., K] with at most ``MAX_M`` rows in all; weight: [N, K] (``F.linear`` layout, rows contiguous);
+    bias: [N]; ln_weight / ln_bias: [K] (LayerNorm applied when ``ln_weight`` is given; statistics in fp32);
+    activation: None or "gelu_tanh"; residual: [..., N], added last (``out`` may be ``residual`` itself, for an
+    in-place residual update). fp32 accumulation, result in ``x.dtype`` (or ``out``'s dtype), shaped [..., N].
+    ``config`` overrides launch parameters (see ``DOT_CONFIG``), for tests and tuning.
+    """
+    if activation not in (None, "gelu_tanh", "gelu_new"):
+        raise ValueError(f"unsupported activation {activation!r}")
+    if ln_bias is not None and ln_weight is None:
+        raise ValueError("ln_bias without ln_weight")
+    k = x.shape[-1]
+    n, kw = weight.shape
+    assert kw == k, f"x has {k} features, weight expects {kw}"
+    assert weight.stride(1) == 1, "weight rows must be contiguous ([out_features, in_features])"
+    x2 = _rows(x, k)
+    m = x2.shape[0]
+    assert m <= MAX_M, f"fused_linear handles at most {MAX_M} rows, got {m} (see use_fused_linear)"
+    out_shape = (*x.shape[:-1], n)
+    if out is None:
+        out = torch.empty(out_shape, dtype=x.dtype, device=x.device)
+    assert out.shape == out_shape, f"out is {tuple(out.shape)}, expected {out_shape}"
+    out2 = out.view(m, n)  # must be a view: the kernel writes into it
+    assert out2.stride(1) == 1
+    if residual is not None:
+        assert residual.shape == out_shape, f"residual is {tuple(residual.shape)}, expected {out_shape}"
+        res2 = _rows(residual, n)
+    if m == 0:
+        return out
+    for t, name, size in ((bias, "bias", n), (ln_weight, "ln_weight", k), (ln_bias, "ln_bias", k)):
+        assert t is None or (t.shape == (size,) and t.is_contiguous()), f"{name} must be contiguous [{size}]"
+
+    cfg = resolve_config(m, n, k, x.device, config)
+    use_dot = cfg["path"] == "dot"
+    block_m = 16 if use_dot else 1  # the dot path pads the batch to the MMA's minimum of 16 columns
+    block_n, block_k, split = cfg["block_n"], cfg["block_k"], cfg["split"]
+    tiles = triton.cdiv(n, block_n)
+
+    ws = cnt = None
+    split_mode = 0
+    if split > 1:
+        scratch = _scratch(x.device, split * m * n, tiles)
+        if scratch is None:  # graph capture found the cache too small: correct, just not split
+            split = 1
+        else:
+            ws, cnt = scratch
+            split_mode = 1 if cfg["split_mode"] == "serial" else 2
+    dummy = out2  # any tensor: pointers of disabled features are never dereferenced
+    _fused_linear_kernel[(tiles, split)](
+        x2, weight,
+        bias if bias is not None else dummy,
+        ln_weight if ln_weight is not None else dummy,
+        ln_bias if ln_bias is not None else dummy,
+        res2 if residual is not None else dummy,
+        out2,
+        ws if ws is not None else dummy,
+        cnt if cnt is not None else dummy,
+        m, n, k, float(ln_eps),
+        x2.stride(0), weight.stride(0),
+        res2.stride(0) if residual is not None else 0, out2.stride(0),
+        HAS_BIAS=bias is not None, HAS_LN=ln_weight is not None, HAS_LN_BIAS=ln_bias is not None,
+        ACT_GELU=activation is not None, HAS_RES=residual is not None,
+        SPLIT_MODE=split_mode, USE_DOT=use_dot,
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0, W_EVICT=cfg["w_evict"],
+        PREFETCH=bool(cfg.get("prefetch", True)),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    if split_mode == 2:
+        rb = 128
+        _splitk_reduce_kernel[(triton.cdiv(n, rb),)](
+            ws, bias if bias is not None else dummy, res2 if residual is not None else dummy, out2,
+            m, n, split, res2.stride(0) if residual is not None else 0, out2.stride(0),
+            HAS_BIAS=bias is not None, ACT_GELU=activation is not None, HAS_RES=residual is not None,
+            BLOCK_M=16, BLOCK_N=rb, num_warps=4,
+        )
+    return out
+
+
+def fused_linear_ref(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    ln_weight: torch.Tensor | None = None,
+    ln_bias: torch.Tensor | None = None,
+    ln_eps: float = 1e-5,
+    activation: str | None = None,
+    residual: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """PyTorch reference of ``fused_linear``: everything in fp32, rounded once to x.dtype (or out's dtype)."""
+    del config
+    if activation not in (None, "gelu_tanh", "gelu_new"):
+        raise ValueError(f"unsupported activation {activation!r}")
+    h = x.float()
+    if ln_weight is not None:
+        h = torch.nn.functional.layer_norm(h, (x.shape[-1],), ln_weight.float(),
+                                           None if ln_bias is None else ln_bias.float(), ln_eps)
+    y = torch.nn.functional.linear(h, weight.float(), None if bias is None else bias.float())
+    if activation is not None:
+        y = torch.nn.functional.gelu(y, approximate="tanh")
+    if residual is not None:
+        y = y + residual.float()
+    if out is None:
+        return y.to(x.dtype)
+    out.copy_(y)
+    return out
