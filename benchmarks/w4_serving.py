@@ -5,8 +5,13 @@ with ``ignore_eos``, reads the SSE stream to the end, and sends the next one at 
 TPOT p50/p99 (per request: time from first to last token over tokens - 1), output tok/s (tokens received inside
 the window over its length), and errors.
 
-    # against the service (start it first: GPT2SERVE_LOAD_FORMAT=dummy serve run configs/gpt2xl.yaml)
+    # against the service, through Serve's HTTP proxy (port 8000)
+    GPT2SERVE_LOAD_FORMAT=dummy serve run configs/gpt2xl.yaml
     python benchmarks/w4_serving.py --url http://127.0.0.1:8000 --out benchmarks/results/w4.json
+    # straight to the ingress replicas (Serve's direct ingress: each replica serves HTTP on its own port from
+    # 30000 up, found with --direct-ingress), which skips the proxy's Ray hop for every SSE chunk
+    RAY_SERVE_ENABLE_DIRECT_INGRESS=1 GPT2SERVE_LOAD_FORMAT=dummy serve run configs/gpt2xl.yaml
+    python benchmarks/w4_serving.py --direct-ingress
     # the same load on the engine in this process (no HTTP, no Ray): the figure the service is compared with
     python benchmarks/w4_serving.py --in-process --config configs/gpt2xl.yaml --load-format dummy
 
@@ -23,6 +28,7 @@ import json
 import multiprocessing as mp
 import os
 import random
+import signal
 import statistics
 import subprocess
 import sys
@@ -114,20 +120,37 @@ async def _http_client(idx: int, load: Load, url: str, model: str, t_end: float,
 
 
 def _http_process(args: tuple) -> list[dict]:
-    indices, load, url, model, t_end = args
+    indices, load, urls, model, t_end = args
 
     async def run() -> list[Sample]:
         samples: list[Sample] = []
-        await asyncio.gather(*(_http_client(i, load, url, model, t_end, samples) for i in indices))
+        # Client i always talks to the same endpoint, so load spreads evenly over the ingress replicas.
+        await asyncio.gather(*(_http_client(i, load, urls[i % len(urls)], model, t_end, samples) for i in indices))
         return samples
 
     return [asdict(s) for s in asyncio.run(run())]
 
 
-def run_http(load: Load, url: str, processes: int) -> tuple[list[Sample], float, str]:
+def discover_direct_ingress(host: str = "127.0.0.1", ports: range = range(30000, 30064)) -> list[str]:
+    """The ingress replicas serving HTTP themselves (RAY_SERVE_ENABLE_DIRECT_INGRESS=1), by probing their ports."""
     import urllib.request
 
-    model = json.load(urllib.request.urlopen(f"{url}/v1/models"))["data"][0]["id"]
+    found = []
+    for port in ports:
+        try:
+            urllib.request.urlopen(f"http://{host}:{port}/v1/models", timeout=0.5)
+            found.append(f"http://{host}:{port}")
+        except OSError:
+            continue
+    if not found:
+        raise SystemExit(f"no direct-ingress replica answered on {host}:{ports.start}-{ports.stop - 1}")
+    return found
+
+
+def run_http(load: Load, urls: list[str], processes: int) -> tuple[list[Sample], float, str]:
+    import urllib.request
+
+    model = json.load(urllib.request.urlopen(f"{urls[0]}/v1/models"))["data"][0]["id"]
     # Everyone shares one wall-clock deadline (perf_counter is system-wide on Linux).
     t_start = time.perf_counter() + 1.0
     t_end = t_start + load.duration_s
@@ -136,7 +159,7 @@ def run_http(load: Load, url: str, processes: int) -> tuple[list[Sample], float,
     with ctx.Pool(processes) as pool:
         while time.perf_counter() < t_start:
             time.sleep(0.01)
-        results = pool.map(_http_process, [(s, load, url, model, t_end) for s in shards if s])
+        results = pool.map(_http_process, [(s, load, urls, model, t_end) for s in shards if s])
     return [Sample(**d) for chunk in results for d in chunk], load.duration_s, model
 
 
@@ -178,6 +201,49 @@ def run_in_process(load: Load, config: str, overrides: dict) -> tuple[list[Sampl
 
     dtype = str(llm.engine.runner.dtype).removeprefix("torch.")
     return asyncio.run(run()), load.duration_s, cfg.model, dtype
+
+
+# ---------------------------------------------------------------------- the service, started here
+class ServeProcess:
+    """``serve run CONFIG`` in its own process group: started, waited for, and stopped with everything it
+    started (Ray's local cluster included), so that the GPU is free again for the in-process run."""
+
+    def __init__(self, config: str, env: dict[str, str], log_path: str, timeout_s: float = 600):
+        self.log = open(log_path, "w")
+        serve_bin = os.path.join(os.path.dirname(sys.executable), "serve")
+        cmd = [serve_bin if os.path.exists(serve_bin) else "serve", "run", config]
+        self.proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        self.timeout_s = timeout_s
+
+    def wait_ready(self, urls) -> list[str]:
+        import urllib.request
+
+        deadline = time.monotonic() + self.timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"serve run exited with {self.proc.returncode}; see {self.log.name}")
+            try:
+                found = urls()
+                if json.load(urllib.request.urlopen(f"{found[0]}/health", timeout=2)).get("workers"):
+                    return found
+            except (OSError, SystemExit, ValueError):
+                pass
+            time.sleep(2)
+        raise SystemExit(f"the service was not ready within {self.timeout_s:.0f} s; see {self.log.name}")
+
+    def stop(self) -> None:
+        for sig, wait_s in ((signal.SIGINT, 60), (signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                return
+            try:
+                self.proc.wait(wait_s)
+                time.sleep(5)  # the raylet and workers leave after the driver
+                return
+            except subprocess.TimeoutExpired:
+                continue
 
 
 # ---------------------------------------------------------------------- report
@@ -226,13 +292,16 @@ def _device_name() -> str:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="W4: online serving, closed-loop streaming clients")
-    mode = p.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--url", help="the service, e.g. http://127.0.0.1:8000")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--url", help="the service, e.g. http://127.0.0.1:8000 (several: comma-separated)")
+    mode.add_argument("--direct-ingress", action="store_true", help="find the ingress replicas' own HTTP ports")
     mode.add_argument("--in-process", action="store_true", help="drive AsyncLLM in this process instead")
+    p.add_argument("--serve", metavar="CONFIG", help="start `serve run CONFIG` first (and stop it after)")
+    p.add_argument("--in-process-too", action="store_true", help="after the HTTP run, the same load in process")
     p.add_argument("--config", default="configs/gpt2xl.yaml", help="--in-process: engine settings from this file")
-    p.add_argument("--load-format", help="--in-process: override load_format (e.g. dummy)")
+    p.add_argument("--load-format", help="--serve / --in-process: override load_format (e.g. dummy)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="--in-process: override an engine field (repeatable), e.g. --set model=/tmp/gpt2-tiny")
+                   help="--serve / --in-process: override an engine field (repeatable), e.g. --set max_num_seqs=128")
     p.add_argument("--concurrency", type=int, default=100)
     p.add_argument("--duration", type=float, default=60.0)
     p.add_argument("--prompt-len", type=int, default=256)
@@ -241,33 +310,80 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--processes", type=int, default=4, help="HTTP client processes")
     p.add_argument("--dtype", help="recorded in the result (--in-process: the config's)")
-    p.add_argument("--out", help="append the record to this JSON list")
+    p.add_argument("--out", help="append the records to this JSON list")
+    p.add_argument("--serve-log", default="/tmp/w4_serve.log", help="--serve: where `serve run` writes")
     args = p.parse_args(argv)
 
     load = Load(args.concurrency, args.duration, args.prompt_len, args.output_len, args.max_token_id, args.seed)
-    if args.in_process:
-        import yaml
-
-        overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
-        if args.load_format:
-            overrides["load_format"] = args.load_format
-        samples, duration, model, dtype = run_in_process(load, args.config, overrides)
-        path = "in-process AsyncLLM"
+    overrides = {k: yaml_value(v) for k, v in (item.split("=", 1) for item in args.set)}
+    if args.load_format:
+        overrides["load_format"] = args.load_format
+    records = []
+    if args.in_process and not args.serve:
+        records.append(in_process_record(load, args.config, overrides))
     else:
-        samples, duration, model = run_http(load, args.url.rstrip("/"), max(1, min(args.processes, args.concurrency)))
-        path, dtype = "HTTP via Ray Serve", args.dtype or "float16"
-    record = {"workload": "W4", "engine": "ours", "path": path, "model": model, "dtype": dtype,
-              "device": _device_name(), "commit": _git_commit(), "concurrency": load.concurrency,
-              "duration_s": duration, "prompt_tokens": load.prompt_len, "output_tokens": load.output_len,
-              **summarize(samples, duration), "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    print(json.dumps(record, indent=2))
+        if not (args.url or args.direct_ingress or args.serve):
+            p.error("one of --url, --direct-ingress, --serve or --in-process is needed")
+        server = None
+        if args.serve:
+            # Engine overrides reach build_app through GPT2SERVE_* (serve run ignores arguments after a config).
+            env = {f"GPT2SERVE_{k.upper()}": str(v) for k, v in overrides.items()}
+            env.setdefault("RAY_AUTH_MODE", os.environ.get("RAY_AUTH_MODE", "disabled"))  # our own local cluster
+            if args.direct_ingress:
+                env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
+            server = ServeProcess(args.serve, env, log_path=args.serve_log)
+        try:
+            def find() -> list[str]:
+                if args.direct_ingress:
+                    return discover_direct_ingress()
+                return [u.rstrip("/") for u in (args.url or "http://127.0.0.1:8000").split(",")]
+
+            urls = server.wait_ready(find) if server else find()
+            samples, duration, model = run_http(load, urls, max(1, min(args.processes, args.concurrency)))
+        finally:
+            if server:
+                server.stop()
+        path = f"HTTP, {'direct ingress' if args.direct_ingress else 'Serve proxy'}, {len(urls)} endpoint(s)"
+        records.append(record(load, path, model, args.dtype or "float16", samples, duration))
+        if args.in_process_too:
+            records.append(in_process_record(load, args.serve or args.config, overrides))
+    if len(records) == 2:
+        records[0]["out_tok_s_vs_in_process"] = round(records[0]["out_tok_s"] / max(records[1]["out_tok_s"], 1e-9), 3)
+    print(json.dumps(records, indent=2))
+    for r in records:
+        print(f"{r['path']}: {r['out_tok_s']} out tok/s, TTFT p50/p99 {r['ttft_ms_p50']}/{r['ttft_ms_p99']} ms, "
+              f"TPOT p50/p99 {r['tpot_ms_p50']}/{r['tpot_ms_p99']} ms, errors {r['errors']}/{r['requests']}",
+              file=sys.stderr)
+    if len(records) == 2:
+        r = records[0]
+        print(f"targets: out tok/s {r['out_tok_s_vs_in_process']:.0%} of in-process (>= 85%), TTFT p50 "
+              f"{r['ttft_ms_p50']} ms (<= 100), TPOT p50 {r['tpot_ms_p50']} ms (<= 20), errors {r['errors']} (0)",
+              file=sys.stderr)
     if args.out:
         out = Path(args.out)
-        records = json.loads(out.read_text()) if out.exists() else []
+        existing = json.loads(out.read_text()) if out.exists() else []
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(records + [record], indent=2) + "\n")
-    if record["errors"]:
+        out.write_text(json.dumps(existing + records, indent=2) + "\n")
+    if any(r["errors"] for r in records):
         sys.exit(1)
+
+
+def yaml_value(text: str):
+    import yaml
+
+    return yaml.safe_load(text)
+
+
+def record(load: Load, path: str, model: str, dtype: str, samples: list[Sample], duration: float) -> dict:
+    return {"workload": "W4", "engine": "ours", "path": path, "model": model, "dtype": dtype,
+            "device": _device_name(), "commit": _git_commit(), "concurrency": load.concurrency,
+            "duration_s": duration, "prompt_tokens": load.prompt_len, "output_tokens": load.output_len,
+            **summarize(samples, duration), "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def in_process_record(load: Load, config: str, overrides: dict) -> dict:
+    samples, duration, model, dtype = run_in_process(load, config, overrides)
+    return record(load, "in-process AsyncLLM", model, dtype, samples, duration)
 
 
 if __name__ == "__main__":

@@ -63,7 +63,21 @@ FMA_CONFIG = {"path": "fma", "block_n": 4, "block_k": 1024, "num_warps": 4, "num
               "split": "auto", "split_mode": "serial", "w_evict": "evict_first", "prefetch": True}
 # Per-shape overrides, keyed (K, N, m_bucket) with m_bucket in (1, 4, 16): the smallest bucket >= M.
 # Filled from the GPU sweep (the benchmark prints this dict).
-TUNED_CONFIGS: dict[tuple[int, int, int], dict] = {}
+TUNED_CONFIGS: dict[tuple[int, int, int], dict] = {
+    # Sweep winners on an H100 (benchmarks/decode_linear_gpu.py, benchmarks/results/2026-11-24_decode-linear_H100.json).
+    (1600, 4800, 1): {'path': 'fma', 'block_n': 8, 'block_k': 512, 'num_warps': 2, 'num_stages': 1, 'split': 1, 'split_mode': 'serial', 'w_evict': 'evict_first', 'prefetch': False},
+    (1600, 1600, 1): {'path': 'fma', 'block_n': 2, 'block_k': 1024, 'num_warps': 4, 'num_stages': 1, 'split': 1, 'split_mode': 'serial', 'w_evict': 'evict_first', 'prefetch': True},
+    (1600, 6400, 1): {'path': 'fma', 'block_n': 16, 'block_k': 256, 'num_warps': 4, 'num_stages': 1, 'split': 1, 'split_mode': 'two_pass', 'w_evict': 'evict_first', 'prefetch': True},
+    (6400, 1600, 1): {'path': 'fma', 'block_n': 2, 'block_k': 1024, 'num_warps': 4, 'num_stages': 1, 'split': 1, 'split_mode': 'serial', 'w_evict': 'evict_first', 'prefetch': True},
+    (1600, 4800, 4): {'path': 'dot', 'block_n': 32, 'block_k': 256, 'num_warps': 4, 'num_stages': 3, 'split': 1, 'split_mode': 'serial', 'w_evict': ''},
+    (1600, 1600, 4): {'path': 'dot', 'block_n': 32, 'block_k': 128, 'num_warps': 4, 'num_stages': 4, 'split': 1, 'split_mode': 'serial', 'w_evict': 'evict_first'},
+    (1600, 6400, 4): {'path': 'dot', 'block_n': 32, 'block_k': 256, 'num_warps': 4, 'num_stages': 3, 'split': 1, 'split_mode': 'two_pass', 'w_evict': 'evict_first'},
+    (6400, 1600, 4): {'path': 'dot', 'block_n': 32, 'block_k': 256, 'num_warps': 4, 'num_stages': 3, 'split': 5, 'split_mode': 'serial', 'w_evict': 'evict_first'},
+    (1600, 4800, 16): {'path': 'dot', 'block_n': 32, 'block_k': 256, 'num_warps': 4, 'num_stages': 3, 'split': 1, 'split_mode': 'serial', 'w_evict': 'evict_first'},
+    (1600, 1600, 16): {'path': 'dot', 'block_n': 32, 'block_k': 128, 'num_warps': 4, 'num_stages': 4, 'split': 1, 'split_mode': 'serial', 'w_evict': 'evict_first'},
+    (1600, 6400, 16): {'path': 'dot', 'block_n': 32, 'block_k': 256, 'num_warps': 4, 'num_stages': 3, 'split': 1, 'split_mode': 'serial', 'w_evict': 'evict_first'},
+    (6400, 1600, 16): {'path': 'dot', 'block_n': 32, 'block_k': 128, 'num_warps': 4, 'num_stages': 4, 'split': 5, 'split_mode': 'serial', 'w_evict': ''},
+}
 
 # Split-K heuristic: aim for this many programs per SM (memory-level parallelism) ...
 SPLIT_TARGET_PROGRAMS_PER_SM = {"dot": 2, "fma": 4}
@@ -295,9 +309,15 @@ def _splitk_reduce_kernel(ws_ptr, bias_ptr, res_ptr, out_ptr, M, N, n_splits, st
 # Host side
 
 
+# Rows up to which the model routes a linear layer through ``fused_linear``. Measured on an H100 inside CUDA
+# graphs (benchmarks/results/2026-11-24_decode-linear_H100.json): GPT-2 XL's 48 layers of linears take 1.83 ms
+# fused against 2.58 ms unfused at 1 row, but 3.40 against 2.60 at 4 rows and 3.77 against 2.62 at 16.
+MODEL_MAX_ROWS = 1
+
+
 def use_fused_linear(m: int, device) -> bool:
     """Whether the model should route a linear layer with ``m`` rows through ``fused_linear``."""
-    return torch.device(device).type == "cuda" and 0 < m <= MAX_M
+    return torch.device(device).type == "cuda" and 0 < m <= MODEL_MAX_ROWS
 
 
 _SM_COUNT: dict[int, int] = {}

@@ -35,8 +35,11 @@ def test_triton_with_graphs_equals_the_reference_path_in_fp32(tiny_model_dir, pr
 
 
 def test_graphs_equal_eager(tiny_model_dir, prompts):
-    eager, _ = _greedy(tiny_model_dir, prompts, attention_backend="triton", dtype="float16", enforce_eager=True)
-    graphs, _ = _greedy(tiny_model_dir, prompts, attention_backend="triton", dtype="float16")
+    # fp32: at batch 1 the graph runs the fused small-batch linear kernel, whose fp16 rounding differs from
+    # cuBLAS's; in fp32 both are exact enough that greedy choices agree.
+    eager, _ = _greedy(tiny_model_dir, prompts, attention_backend="triton", dtype="float32", enforce_eager=True)
+    graphs, llm = _greedy(tiny_model_dir, prompts, attention_backend="triton", dtype="float32")
+    assert 1 in llm.engine.runner.graphs.graphs  # the batch-1 graph (fused linears) served the tail of the run
     assert graphs == eager
 
 

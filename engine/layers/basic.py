@@ -26,15 +26,5 @@ class LayerNorm(nn.LayerNorm):
         super().__init__(dim, eps=eps)
         self.requires_grad_(False)
 
-    def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(LayerNorm(x + residual), x + residual)``: on a GPU one Triton kernel instead of two passes (at
-        batch 1 each GPT-2 XL step otherwise spends ~0.6 ms in 192 tiny add and LayerNorm launches)."""
-        if x.is_cuda:
-            from kernels.fused import add_layernorm
-
-            return add_layernorm(x, residual, self.weight, self.bias, self.eps)
-        residual = x + residual
-        return self(residual), residual
-
     def load_weight(self, name: str, tensor: torch.Tensor) -> None:
         _copy_checked(getattr(self, name), name, tensor)

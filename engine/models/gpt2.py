@@ -26,10 +26,13 @@ class GPT2Attention(nn.Module):
         self.c_proj = Conv1DLinear(hidden, hidden)
         self.backend = backend
 
-    def forward(self, x: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        q, k, v = self.c_attn(x).view(x.shape[0], 3, self.num_heads, self.head_dim).unbind(1)
+    def forward(self, residual: torch.Tensor, norm: LayerNorm, kv_cache: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        """``residual + attention(norm(residual))``."""
+        tokens = residual.shape[0]
+        q, k, v = self.c_attn(residual, norm=norm).view(tokens, 3, self.num_heads, self.head_dim).unbind(1)
         out = self.backend.forward(q, k, v, kv_cache, meta, self.scale)
-        return self.c_proj(out.reshape(x.shape[0], -1))
+        return self.c_proj(out.reshape(tokens, -1), residual=residual)
 
 
 class GPT2MLP(nn.Module):
@@ -38,8 +41,9 @@ class GPT2MLP(nn.Module):
         self.c_fc = Conv1DLinear(hidden, inner)
         self.c_proj = Conv1DLinear(inner, hidden)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+    def forward(self, residual: torch.Tensor, norm: LayerNorm) -> torch.Tensor:
+        """``residual + mlp(norm(residual))``."""
+        return self.c_proj(self.c_fc(residual, norm=norm, activation="gelu_tanh"), residual=residual)
 
 
 class GPT2Block(nn.Module):
@@ -50,11 +54,11 @@ class GPT2Block(nn.Module):
         self.ln_2 = LayerNorm(hidden, eps)
         self.mlp = GPT2MLP(hidden, inner)
 
-    def forward(self, h, residual, kv_cache, meta, next_norm: LayerNorm):
-        """``h`` is ``ln_1(residual)``; returns ``(next_norm(new residual), new residual)``, so that each
-        residual add is fused with the LayerNorm that follows it."""
-        h, residual = self.ln_2.add_forward(self.attn(h, kv_cache, meta), residual)
-        return next_norm.add_forward(self.mlp(h), residual)
+    def forward(self, residual, kv_cache, meta):
+        # Each LayerNorm is handed to the linear layer it feeds, and each residual add to the linear layer that
+        # produces it, so that a batch-1 step can run every sub-layer as one fused kernel.
+        residual = self.attn(residual, self.ln_1, kv_cache, meta)
+        return self.mlp(residual, self.ln_2)
 
 
 class GPT2LMHeadModel(nn.Module):
@@ -75,12 +79,10 @@ class GPT2LMHeadModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 meta: AttentionMetadata) -> torch.Tensor:
         """Hidden states after the final LayerNorm, one row per token of the flat batch."""
-        residual = self.wte(input_ids) + self.wpe(positions)
-        h = self.h[0].ln_1(residual)
-        for i, (layer, kv_cache) in enumerate(zip(self.h, kv_caches)):
-            next_norm = self.h[i + 1].ln_1 if i + 1 < len(self.h) else self.ln_f
-            h, residual = layer(h, residual, kv_cache, meta, next_norm)
-        return h
+        x = self.wte(input_ids) + self.wpe(positions)
+        for layer, kv_cache in zip(self.h, kv_caches):
+            x = layer(x, kv_cache, meta)
+        return self.ln_f(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.wte.weight)  # the LM head is tied to the token embedding

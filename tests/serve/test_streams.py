@@ -1,0 +1,261 @@
+"""The ingress's request plumbing (actors/streams.py) against fake scheduler and worker handles, without Ray.
+
+The fakes behave like Serve handles: ``.remote()`` returns an awaitable (or, for ``channel``, an async iterator
+with ``cancel()``), and the worker keeps real outboxes, so admission, channel sharing, retries after a worker
+vanishes, failure propagation and cancellation run through the real code.
+"""
+
+import asyncio
+
+import pytest
+
+from actors.openai_api import APIError
+from actors.protocol import Admission, Refusal, SeqDelta, StepItem, WorkerError
+from actors.streams import Streams
+from engine.sampling_params import SamplingParams
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class Call:
+    def __init__(self, coro):
+        self.coro = coro
+        self.cancelled = False
+
+    def __await__(self):
+        return self.coro.__await__()
+
+    def cancel(self):
+        self.cancelled = True
+
+
+class Method:
+    def __init__(self, fn):
+        self.fn = fn
+
+    def remote(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+
+class FakeScheduler:
+    def __init__(self, choices):
+        self.choices = list(choices)  # worker ids to hand out, in order
+        self.released: list[tuple[str, bool]] = []
+        self.admit = Method(lambda req: Call(self._admit(req)))
+        self.release = Method(lambda rid, failed=False: Call(self._release(rid, failed)))
+
+    async def _admit(self, req):
+        return Admission(self.choices.pop(0) if self.choices else None, 503, "no worker")
+
+    async def _release(self, rid, failed):
+        self.released.append((rid, failed))
+
+
+class FakeChannelStream:
+    def __init__(self, worker, channel_id, replica):
+        self.worker, self.channel_id, self.replica = worker, channel_id, replica
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.cancelled = False
+        self.started = False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if not self.started:
+            self.started = True
+            if self.replica in self.worker.gone:
+                raise RuntimeError(f"channel for replica {self.replica} reached another one")
+            self.worker.channels[self.channel_id] = self
+            return []
+        item = await self.queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def cancel(self):
+        self.cancelled = True
+
+
+class FakeWorker:
+    """Replicas by id; ``gone`` ones refuse everything, as a replacement replica would."""
+
+    def __init__(self, gone=()):
+        self.gone = set(gone)
+        self.channels: dict[str, FakeChannelStream] = {}
+        self.submitted: list[tuple[str, str]] = []
+        self.aborted: list[str] = []
+        self.submit = Method(lambda work, channel_id, replica=None: Call(self._submit(work, channel_id, replica)))
+        self.abort = Method(lambda rid, replica=None: Call(self._abort(rid)))
+
+    def options(self, stream=False):
+        outer = self
+
+        class Streaming:
+            channel = Method(lambda channel_id, replica=None: FakeChannelStream(outer, channel_id, replica))
+
+        return Streaming()
+
+    async def _submit(self, work, channel_id, replica):
+        if replica in self.gone:
+            return Refusal(f"replica {replica} is gone", True)
+        self.submitted.append((work.request_id, replica))
+        return None
+
+    async def _abort(self, rid):
+        self.aborted.append(rid)
+
+    def emit(self, request_id, text, finished=False, channel=None):
+        stream = channel or next(iter(self.channels.values()))
+        delta = SeqDelta(0, text, [1], None, "length" if finished else None, None)
+        stream.queue.put_nowait([(request_id, StepItem([delta], finished))])
+
+
+def params(**kw):
+    return SamplingParams(max_tokens=4, **kw)
+
+
+async def settle():
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+def test_request_streams_over_the_chosen_workers_channel():
+    async def go():
+        scheduler, worker = FakeScheduler(["w1"]), FakeWorker()
+        streams = Streams(scheduler, worker, max_model_len=64)
+        start = asyncio.create_task(streams.start_all("r", [[1, 2, 3]], params(), 0))
+        await settle()
+        ((rid, replica),) = worker.submitted
+        assert replica == "w1"
+        worker.emit(rid, "a")
+        (job,) = await start
+        worker.emit(rid, "b", finished=True)
+        texts = [item.seqs[0].text async for _, item in streams.merged([job])]
+        streams.close([job])
+        await settle()
+        assert texts == ["a", "b"]
+        assert scheduler.released == [(rid, False)] and worker.aborted == []
+
+    asyncio.run(go())
+
+
+def test_concurrent_requests_share_one_channel_per_worker():
+    async def go():
+        scheduler, worker = FakeScheduler(["w1", "w1"]), FakeWorker()
+        streams = Streams(scheduler, worker, max_model_len=64)
+        start = asyncio.create_task(streams.start_all("r", [[1], [2]], params(), 0))
+        await settle()
+        assert len(worker.channels) == 1 and len(worker.submitted) == 2
+        for rid, _ in worker.submitted:
+            worker.emit(rid, "x", finished=True)
+        jobs = await start
+        assert all(job.done for job in jobs)
+
+    asyncio.run(go())
+
+
+def test_a_vanished_worker_is_reported_and_the_request_goes_elsewhere():
+    async def go():
+        scheduler, worker = FakeScheduler(["dead", "w2"]), FakeWorker(gone={"dead"})
+        streams = Streams(scheduler, worker, max_model_len=64)
+        start = asyncio.create_task(streams.start_all("r", [[1, 2]], params(), 0))
+        for _ in range(20):
+            await settle()
+            if worker.submitted:
+                break
+        ((rid, replica),) = worker.submitted
+        assert replica == "w2"
+        assert scheduler.released == [(rid, True)]  # the scheduler is told "dead" is gone, before re-admission
+        worker.emit(rid, "ok", finished=True)
+        (job,) = await asyncio.wait_for(start, 5)
+        assert job.first.seqs[0].text == "ok"
+
+    asyncio.run(go())
+
+
+def test_gives_up_with_503_after_max_attempts():
+    async def go():
+        scheduler, worker = FakeScheduler(["a", "b", "c"]), FakeWorker(gone={"a", "b", "c"})
+        streams = Streams(scheduler, worker, max_model_len=64)
+        with pytest.raises(APIError) as e:
+            await asyncio.wait_for(streams.start_all("r", [[1]], params(), 0), 5)
+        assert e.value.status == 503 and e.value.retry_after_s
+        assert [failed for _, failed in scheduler.released] == [True, True, True]
+
+    asyncio.run(go())
+
+
+def test_refusal_by_the_scheduler_becomes_the_http_error():
+    async def go():
+        scheduler = FakeScheduler([])
+        scheduler.admit = Method(lambda req: Call(_verdict()))
+
+        async def _verdict():
+            return Admission(None, 429, "full", 3.0)
+
+        streams = Streams(scheduler, FakeWorker(), max_model_len=64)
+        with pytest.raises(APIError) as e:
+            await streams.start_all("r", [[1]], params(), 0)
+        assert (e.value.status, e.value.retry_after_s) == (429, 3.0)
+
+    asyncio.run(go())
+
+
+def test_engine_refusal_is_a_400_and_releases():
+    async def go():
+        scheduler, worker = FakeScheduler(["w1"]), FakeWorker()
+        streams = Streams(scheduler, worker, max_model_len=64)
+        start = asyncio.create_task(streams.start_all("r", [[1]], params(), 0))
+        await settle()
+        ((rid, _),) = worker.submitted
+        next(iter(worker.channels.values())).queue.put_nowait([(rid, WorkerError("too big", "max_tokens", 400))])
+        with pytest.raises(APIError) as e:
+            await start
+        assert (e.value.status, e.value.param) == (400, "max_tokens")
+        await settle()
+        assert scheduler.released == [(rid, False)] and worker.aborted == []
+
+    asyncio.run(go())
+
+
+def test_worker_death_fails_every_request_on_its_channel_at_once():
+    async def go():
+        scheduler, worker = FakeScheduler(["w1", "w1"]), FakeWorker()
+        streams = Streams(scheduler, worker, max_model_len=64)
+        start = asyncio.create_task(streams.start_all("r", [[1], [2]], params(), 0))
+        await settle()
+        for rid, _ in worker.submitted:
+            worker.emit(rid, "x")
+        jobs = await start
+        from ray.exceptions import ActorDiedError
+
+        next(iter(worker.channels.values())).queue.put_nowait(ActorDiedError())
+        with pytest.raises(APIError) as e:
+            async for _ in streams.merged(jobs):
+                pass
+        assert e.value.status == 503
+        streams.close(jobs)
+        await settle()
+        assert sorted(failed for _, failed in scheduler.released) == [True, True]
+        assert worker.aborted == []  # nothing to abort on a dead worker
+        assert streams.channels["w1"].closed
+
+    asyncio.run(go())
+
+
+def test_close_of_an_unfinished_request_aborts_it_on_its_worker():
+    async def go():
+        scheduler, worker = FakeScheduler(["w1"]), FakeWorker()
+        streams = Streams(scheduler, worker, max_model_len=64)
+        start = asyncio.create_task(streams.start_all("r", [[1]], params(), 0))
+        await settle()
+        ((rid, _),) = worker.submitted
+        worker.emit(rid, "partial")
+        jobs = await start
+        streams.close(jobs)
+        streams.close(jobs)  # idempotent
+        await settle()
+        assert worker.aborted == [rid] and scheduler.released == [(rid, False)]
+
+    asyncio.run(go())
