@@ -138,10 +138,11 @@ def discover_direct_ingress(host: str = "127.0.0.1", ports: range = range(30000,
     found = []
     for port in ports:
         try:
-            urllib.request.urlopen(f"http://{host}:{port}/v1/models", timeout=0.5)
-            found.append(f"http://{host}:{port}")
-        except OSError:
+            models = json.load(urllib.request.urlopen(f"http://{host}:{port}/v1/models", timeout=0.5))
+        except (OSError, ValueError):
             continue
+        if models.get("data", [{}])[0].get("owned_by") == "gpt2-serve":  # ours, not some other service
+            found.append(f"http://{host}:{port}")
     if not found:
         raise SystemExit(f"no direct-ingress replica answered on {host}:{ports.start}-{ports.stop - 1}")
     return found
@@ -164,9 +165,26 @@ def run_http(load: Load, urls: list[str], processes: int) -> tuple[list[Sample],
 
 
 # ---------------------------------------------------------------------- in process
+def _wait_for_free_gpu(timeout_s: float = 120, fraction: float = 0.9) -> None:
+    """After --serve, the worker process may still be letting go of its KV pool; the engine sizes its pool from
+    free memory, so wait for it rather than measure a smaller pool."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        free, total = torch.cuda.mem_get_info()
+        if free >= fraction * total:
+            return
+        time.sleep(2)
+    print(f"warning: only {free / 2**30:.1f} of {total / 2**30:.1f} GiB GPU memory free", file=sys.stderr)
+
+
 def run_in_process(load: Load, config: str, overrides: dict) -> tuple[list[Sample], float, str, str]:
     from engine import AsyncLLM, EngineConfig, SamplingParams
 
+    _wait_for_free_gpu()
     cfg = EngineConfig.from_yaml(config, **overrides)
     llm = AsyncLLM(cfg)
     params = SamplingParams(max_tokens=load.output_len, ignore_eos=True, temperature=load.temperature)

@@ -1,0 +1,241 @@
+"""The scheduler deployment's logic, without Ray: a global waiting queue, admission, and worker bookkeeping.
+
+A request is *admitted* to a worker only when the worker has room to run it at once: a sequence slot
+(``max_inflight`` of them, by default the engine's ``max_num_seqs``) and KV blocks for its whole budget
+(prompt + ``max_tokens``, times ``n``). Until then it waits here, in one queue for the whole service, ordered by
+the configured scheduling policy, so that priorities hold across workers instead of inside each one. Past
+``max_queued_requests`` waiting, a new request is refused (HTTP 429) rather than queued without bound.
+
+Reservations are the scheduler's own accounting and change the moment it routes or releases a request, so
+back-to-back decisions see each other. Workers' heartbeats add what only they know (free blocks, running and
+waiting counts, which requests they really hold) and prove they are alive; a worker silent for
+``worker_timeout_s`` is dropped, and a reservation its worker does not report for ``lease_grace_s`` is
+released (its ingress died before saying so).
+
+Every method returns the requests it placed, so the caller (the Serve shell) can wake their waiters.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from actors.protocol import QueuedRequest
+from actors.routing import RoutingPolicy
+from policies.scheduling import SchedulingPolicy
+
+Placement = tuple[QueuedRequest, str]  # (request, worker id)
+
+
+class QueueFullError(Exception):
+    def __init__(self, message: str, retry_after_s: float):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class RequestTooLargeError(Exception):
+    """No worker could ever hold this request, even idle: queueing it would block the queue forever."""
+
+
+@dataclass
+class Reservation:
+    tokens: int
+    blocks: int
+    seqs: int
+    routed_at: float
+
+
+@dataclass
+class WorkerState:
+    worker_id: str
+    block_size: int
+    num_total_blocks: int
+    max_inflight: int
+    last_seen: float
+    free_blocks: int = 0  # as last reported
+    stats: dict[str, Any] = field(default_factory=dict)
+    inflight: dict[str, Reservation] = field(default_factory=dict)
+
+    @property
+    def load_tokens(self) -> int:
+        return sum(r.tokens for r in self.inflight.values())
+
+    @property
+    def reserved_blocks(self) -> int:
+        return sum(r.blocks for r in self.inflight.values())
+
+    @property
+    def inflight_seqs(self) -> int:
+        return sum(r.seqs for r in self.inflight.values())
+
+    def blocks_for(self, req: QueuedRequest) -> int:
+        # The last generated token is never fed back, so it needs no KV slot (as in the engine's own check).
+        tokens = max(req.num_prompt_tokens + req.max_new_tokens - 1, 1)
+        return req.n * math.ceil(tokens / self.block_size)
+
+    def could_ever_fit(self, req: QueuedRequest, kv_overcommit: float) -> bool:
+        return req.n <= self.max_inflight and self.blocks_for(req) <= self.num_total_blocks * kv_overcommit
+
+    def fits(self, req: QueuedRequest, kv_overcommit: float) -> bool:
+        return (self.inflight_seqs + req.n <= self.max_inflight
+                and self.reserved_blocks + self.blocks_for(req) <= self.num_total_blocks * kv_overcommit)
+
+
+class Dispatcher:
+    def __init__(self, policy: SchedulingPolicy, routing: RoutingPolicy, *, max_queued_requests: int,
+                 max_inflight_per_worker: int | None = None, kv_overcommit: float = 1.0,
+                 worker_timeout_s: float = 10.0, lease_grace_s: float = 30.0, min_retry_after_s: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic):
+        self.policy = policy
+        self.routing = routing
+        self.max_queued_requests = max_queued_requests
+        self.max_inflight_per_worker = max_inflight_per_worker
+        self.kv_overcommit = kv_overcommit
+        self.worker_timeout_s = worker_timeout_s
+        self.lease_grace_s = lease_grace_s
+        self.min_retry_after_s = min_retry_after_s
+        self.clock = clock
+        self.waiting: list[QueuedRequest] = []
+        self.workers: dict[str, WorkerState] = {}
+        self.routable: set[str] | None = None  # Serve's own replica set, once known: only these get new requests
+        self.assigned: dict[str, str] = {}  # request id -> worker id
+        self._releases: deque[float] = deque(maxlen=4096)  # when requests finished, for Retry-After
+        self.counters = {"admitted": 0, "rejected_queue_full": 0, "rejected_too_large": 0, "cancelled_waiting": 0,
+                         "workers_lost": 0, "leases_expired": 0}
+
+    # ------------------------------------------------------------------ requests
+    def submit(self, req: QueuedRequest) -> list[Placement]:
+        """Queue ``req`` and route what can be routed; raises QueueFullError / RequestTooLargeError."""
+        if self.workers and not any(w.could_ever_fit(req, self.kv_overcommit) for w in self.workers.values()):
+            self.counters["rejected_too_large"] += 1
+            raise RequestTooLargeError(
+                f"the request needs {req.n} sequence(s) of up to {req.num_prompt_tokens + req.max_new_tokens} "
+                "tokens, more than any worker can hold at once; lower max_tokens or n")
+        self.waiting.append(req)
+        placed = self.dispatch()
+        if req.request_id not in self.assigned and len(self.waiting) > self.max_queued_requests:
+            self.waiting.remove(req)
+            self.counters["rejected_queue_full"] += 1
+            raise QueueFullError(
+                f"the service is at capacity: {len(self.waiting)} requests are already waiting "
+                f"(max_queued_requests={self.max_queued_requests}); retry later", self.retry_after_s())
+        return placed
+
+    def dispatch(self) -> list[Placement]:
+        """Route waiting requests in policy order; stop at the first that fits no worker.
+
+        Stopping there (rather than letting smaller requests slip past) keeps the policy's promise, as the
+        engine's scheduler does.
+        """
+        if not self.waiting or not self.workers:
+            return []
+        now = self.clock()
+        order = self.waiting if len(self.waiting) == 1 else self.policy.order(self.waiting, now)
+        placed: list[Placement] = []
+        candidates = [w for w in self.workers.values() if self.routable is None or w.worker_id in self.routable]
+        for req in order:
+            fits = [w for w in candidates if w.fits(req, self.kv_overcommit)]
+            worker = self.routing.choose(req, fits) if fits else None
+            if worker is None:
+                break
+            worker.inflight[req.request_id] = Reservation(
+                req.num_prompt_tokens + req.max_new_tokens * req.n, worker.blocks_for(req), req.n, now)
+            self.assigned[req.request_id] = worker.worker_id
+            placed.append((req, worker.worker_id))
+        if placed:
+            done = {r.request_id for r, _ in placed}
+            self.waiting = [r for r in self.waiting if r.request_id not in done]
+            self.counters["admitted"] += len(placed)
+        return placed
+
+    def cancel(self, request_id: str) -> list[Placement]:
+        """The client went away: forget the request wherever it is."""
+        for i, req in enumerate(self.waiting):
+            if req.request_id == request_id:
+                del self.waiting[i]
+                self.counters["cancelled_waiting"] += 1
+                return []
+        return self.release(request_id)
+
+    def release(self, request_id: str, worker_failed: bool = False) -> list[Placement]:
+        """The request is over (finished, failed or cancelled): give its room back and route the next."""
+        worker_id = self.assigned.pop(request_id, None)
+        if worker_id is None:
+            return []
+        self._releases.append(self.clock())
+        worker = self.workers.get(worker_id)
+        if worker is not None:
+            worker.inflight.pop(request_id, None)
+            if worker_failed:  # the ingress saw the replica die: stop routing to it before its heartbeat lapses
+                self.remove_worker(worker_id)
+        return self.dispatch()
+
+    # ------------------------------------------------------------------ workers
+    def heartbeat(self, worker_id: str, info: dict[str, Any]) -> list[Placement]:
+        """A worker says it is alive: its pool geometry, engine stats, and the request ids it holds."""
+        now = self.clock()
+        worker = self.workers.get(worker_id)
+        if worker is None:
+            worker = self.workers[worker_id] = WorkerState(
+                worker_id, info["block_size"], info["num_total_blocks"],
+                self.max_inflight_per_worker or info["max_num_seqs"], now)
+        worker.last_seen = now
+        worker.num_total_blocks = info["num_total_blocks"]
+        worker.free_blocks = info.get("num_free_blocks", worker.num_total_blocks)
+        worker.stats = info
+        active = set(info.get("active_request_ids", ()))
+        for rid, res in list(worker.inflight.items()):
+            if rid not in active and now - res.routed_at > self.lease_grace_s:
+                del worker.inflight[rid]
+                self.assigned.pop(rid, None)
+                self.counters["leases_expired"] += 1
+        return self.dispatch()
+
+    def set_routable(self, worker_ids: set[str]) -> list[Placement]:
+        """Serve's controller routes to exactly these replicas now: a worker missing here is starting (not yet
+        reachable) or stopping (draining its requests), and gets no new ones."""
+        self.routable = set(worker_ids)
+        return self.dispatch()
+
+    def remove_worker(self, worker_id: str) -> None:
+        worker = self.workers.pop(worker_id, None)
+        if worker is None:
+            return
+        self.counters["workers_lost"] += 1
+        for rid in worker.inflight:
+            self.assigned.pop(rid, None)
+
+    def expire(self) -> list[str]:
+        """Drop workers whose heartbeats stopped; returns their ids."""
+        now = self.clock()
+        lost = [wid for wid, w in self.workers.items() if now - w.last_seen > self.worker_timeout_s]
+        for wid in lost:
+            self.remove_worker(wid)
+        return lost
+
+    # ------------------------------------------------------------------ reporting
+    def retry_after_s(self) -> float:
+        """Seconds until the queue has probably drained: its length over the recent finishing rate."""
+        window = 10.0
+        now = self.clock()
+        recent = sum(1 for t in self._releases if now - t <= window)
+        if recent == 0:
+            return self.min_retry_after_s
+        return float(min(max(math.ceil(len(self.waiting) / (recent / window)), self.min_retry_after_s), 60))
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "num_waiting": len(self.waiting),
+            "num_assigned": len(self.assigned),
+            "routable": sorted(self.routable) if self.routable is not None else None,
+            "counters": dict(self.counters),
+            "workers": {
+                wid: {"inflight": len(w.inflight), "load_tokens": w.load_tokens, "reserved_blocks": w.reserved_blocks,
+                      "max_inflight": w.max_inflight, "age_s": self.clock() - w.last_seen,
+                      "stats": {k: v for k, v in w.stats.items() if k != "active_request_ids"}}
+                for wid, w in self.workers.items()
+            },
+        }

@@ -1,0 +1,327 @@
+"""The ingress deployment: the OpenAI-compatible HTTP API (FastAPI inside Serve).
+
+Per request: parse and validate (pydantic, then the engine's own checks, here, before anything is queued),
+tokenize, then ``Streams`` (actors/streams.py) gets a worker from the scheduler and the tokens from that
+worker's channel; this module turns them into OpenAI responses.
+
+Response headers are sent only once the worker's first item is here, so that everything that can go wrong
+before the first token (queue full, request too big for the pool, worker gone) still gets its own HTTP status,
+streaming or not. After that, a failure becomes an SSE error event followed by ``data: [DONE]``.
+
+Cancellation: a client that disconnects cancels this handler (Serve's proxy cancels the call, Starlette's
+streaming response cancels its body iterator); ``Streams.close`` in a ``finally`` then aborts the request on its
+worker and releases the scheduler's reservation.
+"""
+
+
+import json
+import logging
+import math
+import time
+import uuid
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from pydantic import BaseModel, ValidationError
+from ray import serve
+
+from actors import openai_api as oa
+from actors.metrics import SnapshotCollector
+from actors.settings import ServiceConfig
+from actors.streams import Job, Streams
+from engine.errors import InvalidRequestError
+from engine.loader import load_hf_config
+from engine.sampling_params import SamplingParams
+from engine.tokenizer import load_tokenizer
+
+log = logging.getLogger("ray.serve")
+
+app = FastAPI(title="gpt2-serve", docs_url=None, redoc_url=None)
+
+
+def error_response(exc: oa.APIError) -> JSONResponse:
+    headers = {"Retry-After": str(math.ceil(exc.retry_after_s))} if exc.retry_after_s else None
+    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+
+@app.exception_handler(oa.APIError)
+async def _api_error(request: Request, exc: oa.APIError) -> JSONResponse:
+    return error_response(exc)
+
+
+@app.exception_handler(Exception)
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    # A bug, or the scheduler itself unreachable: still an OpenAI-shaped body, never Starlette's plain text.
+    log.exception("unexpected error serving %s", request.url.path)
+    return error_response(oa.APIError(500, f"internal error: {exc!r}"))
+
+
+class ClosingStreamingResponse(StreamingResponse):
+    """Runs ``on_close`` however the response ends: finished, failed, cancelled by a disconnect, or even
+    cancelled before Starlette started iterating the body (when the body's own ``finally`` never runs)."""
+
+    def __init__(self, content, on_close, **kwargs):
+        super().__init__(content, **kwargs)
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
+
+
+@serve.ingress(app)
+class Ingress:
+    def __init__(self, config: dict[str, Any], scheduler, worker):
+        cfg = ServiceConfig(**config)
+        self.cfg = cfg
+        self.scheduler = scheduler
+        hf = load_hf_config(cfg.engine)  # geometry only: the same numbers the workers' engines derive
+        self.max_model_len = min(cfg.engine.max_model_len or hf.n_positions, hf.n_positions)
+        self.streams = Streams(scheduler, worker, self.max_model_len)
+        self.vocab_size = hf.vocab_size
+        self.tokenizer = load_tokenizer(cfg.engine, hf.eos_token_id)
+        self.token_text = oa.TokenText(self.tokenizer)
+        self.created = oa.now_s()
+        self.registry = CollectorRegistry()
+        self.m_ttft = Histogram("gpt2serve:time_to_first_token_seconds", "Time to first token, at the ingress.",
+                                buckets=(.01, .025, .05, .075, .1, .15, .2, .3, .5, .75, 1, 2.5, 5, 10, 20, 60),
+                                registry=self.registry)
+        self.m_tpot = Histogram("gpt2serve:time_per_output_token_seconds", "Mean time per output token after the "
+                                "first, per request.", buckets=(.005, .01, .015, .02, .025, .03, .04, .05, .075, .1,
+                                                                .15, .2, .3, .5, 1), registry=self.registry)
+        self.m_e2e = Histogram("gpt2serve:e2e_request_latency_seconds", "Request latency, at the ingress.",
+                               buckets=(.1, .25, .5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300), registry=self.registry)
+        self.m_requests = Counter("gpt2serve:requests", "Requests answered, by HTTP status.", ["status"],
+                                  registry=self.registry)
+        self.m_prompt_tokens = Counter("gpt2serve:prompt_tokens", "Prompt tokens admitted.", registry=self.registry)
+        self.m_generation_tokens = Counter("gpt2serve:generation_tokens", "Tokens generated.", registry=self.registry)
+
+    # ------------------------------------------------------------------ endpoints
+    @app.get("/health")
+    async def health(self) -> JSONResponse:
+        snap = await self.scheduler.snapshot.remote()
+        workers = len(snap["workers"])
+        return JSONResponse({"status": "ok" if workers else "no workers", "workers": workers},
+                            status_code=200 if workers else 503)
+
+    @app.get("/v1/models")
+    async def models(self) -> dict[str, Any]:
+        return {"object": "list", "data": [{
+            "id": self.cfg.model_name, "object": "model", "created": self.created, "owned_by": "gpt2-serve",
+            "root": self.cfg.engine.model, "max_model_len": self.max_model_len}]}
+
+    @app.get("/metrics")
+    async def metrics(self) -> Response:
+        snap = await self.scheduler.snapshot.remote()
+        scrape = CollectorRegistry()
+        scrape.register(SnapshotCollector(snap))
+        return Response(generate_latest(self.registry) + generate_latest(scrape), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request) -> Response:
+        arrival = time.monotonic()
+        try:
+            body = await self._parse(request, oa.CompletionRequest)
+            self._check_model(body.model)
+            for name, unsupported in (("echo", body.echo), ("suffix", body.suffix),
+                                      ("best_of", body.best_of not in (None, body.n))):
+                if unsupported:
+                    raise oa.APIError(400, f"{name} is not supported", name)
+            prompts = [self._tokenize(p) for p in body.prompts()]
+            params = self._params(body, prompts, body.max_tokens, body.logprobs)
+            rid = self._request_id(request)
+            jobs = await self._start_all(rid, prompts, params, body.priority, arrival)
+        except oa.APIError as e:
+            return self._fail(e)
+        first_at = time.monotonic()
+        resp = {"id": f"cmpl-{rid}", "object": "text_completion", "created": oa.now_s(), "model": self.cfg.model_name}
+        if body.stream:
+            events = self._completion_events(jobs, resp, params, body.include_usage, arrival, first_at)
+            return self._sse(events, jobs)
+        return await self._respond(jobs, arrival, first_at, params.n, lambda choices: {**resp, "choices": [
+            {"index": c.index, "text": "".join(c.text), "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
+             "logprobs": (oa.completion_logprobs(c.logprobs, self.token_text, 0)[0]
+                          if params.logprobs is not None else None)} for c in choices]})
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Response:
+        arrival = time.monotonic()
+        try:
+            body = await self._parse(request, oa.ChatCompletionRequest)
+            self._check_model(body.model)
+            if body.top_logprobs is not None and not body.logprobs:
+                raise oa.APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+            prompts = [self._tokenize(oa.render_chat(body.messages), param="messages")]
+            max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+            top_n = (body.top_logprobs or 0) if body.logprobs else None
+            params = self._params(body, prompts, max_tokens, top_n, param="messages")
+            rid = self._request_id(request)
+            jobs = await self._start_all(rid, prompts, params, body.priority, arrival)
+        except oa.APIError as e:
+            return self._fail(e)
+        first_at = time.monotonic()
+        resp = {"id": f"chatcmpl-{rid}", "object": "chat.completion", "created": oa.now_s(),
+                "model": self.cfg.model_name}
+        if body.stream:
+            events = self._chat_events(jobs, {**resp, "object": "chat.completion.chunk"}, params, body.include_usage,
+                                       arrival, first_at)
+            return self._sse(events, jobs)
+        return await self._respond(jobs, arrival, first_at, params.n, lambda choices: {**resp, "choices": [
+            {"index": c.index, "message": {"role": "assistant", "content": "".join(c.text)},
+             "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
+             "logprobs": oa.chat_logprobs(c.logprobs, self.token_text, top_n) if top_n is not None else None}
+            for c in choices]})
+
+    # ------------------------------------------------------------------ validation
+    async def _parse(self, request: Request, model: type[BaseModel]) -> Any:
+        try:
+            data = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise oa.APIError(400, f"the request body is not valid JSON: {e}")
+        try:
+            return model.model_validate(data)
+        except ValidationError as e:
+            err = e.errors()[0]
+            loc = ".".join(str(x) for x in err["loc"] if not isinstance(x, int) and "[" not in str(x)) or None
+            raise oa.APIError(400, f"{loc or 'body'}: {err['msg']}", loc)
+
+    def _check_model(self, name: str | None) -> None:
+        if name is not None and name not in (self.cfg.model_name, self.cfg.engine.model):
+            raise oa.APIError(404, f"The model `{name}` does not exist.", "model")
+
+    def _tokenize(self, prompt: str | list[int], param: str = "prompt") -> list[int]:
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
+        if not ids:
+            raise oa.APIError(400, "the prompt is empty", param)
+        bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise oa.APIError(400, f"token id {bad} is out of vocabulary (ids must be in [0, {self.vocab_size}))",
+                              param)
+        if len(ids) >= self.max_model_len:
+            raise oa.APIError(400, f"This model's maximum context length is {self.max_model_len} tokens. However, "
+                                   f"your request has {len(ids)} input tokens and needs room for at least one "
+                                   "generated token. Please reduce the length of the input.", param)
+        return ids
+
+    def _params(self, body: oa._SamplingFields, prompts: list[list[int]], max_tokens: int | None,
+                logprobs: int | None, param: str = "prompt") -> SamplingParams:
+        if body.n > self.cfg.max_n:
+            raise oa.APIError(400, f"n must be at most {self.cfg.max_n}, got {body.n}", "n")
+        try:
+            params = body.sampling_params(max_tokens, logprobs)
+        except InvalidRequestError as e:
+            raise oa.APIError(400, str(e), e.param)
+        if max_tokens is not None:
+            longest = max(len(p) for p in prompts)
+            if longest + max_tokens > self.max_model_len:
+                raise oa.APIError(400, f"This model's maximum context length is {self.max_model_len} tokens. "
+                                       f"However, you requested {longest + max_tokens} tokens ({longest} in the "
+                                       f"{'messages' if param == 'messages' else 'prompt'}, {max_tokens} in the "
+                                       "completion). Please reduce the length of the input or completion.",
+                                  "max_tokens")
+        return params
+
+    def _request_id(self, request: Request) -> str:
+        # Serve's proxy passes the client's X-Request-Id through (or makes one up) and echoes it in the response.
+        given = request.headers.get("x-request-id")
+        return given if given else uuid.uuid4().hex
+
+    def _fail(self, e: oa.APIError) -> JSONResponse:
+        self.m_requests.labels(str(e.status)).inc()
+        return error_response(e)
+
+    async def _start_all(self, rid: str, prompts: list[list[int]], params: SamplingParams, priority: int,
+                         arrival: float) -> list[Job]:
+        jobs = await self.streams.start_all(rid, prompts, params, priority)
+        self.m_ttft.observe(time.monotonic() - arrival)
+        self.m_prompt_tokens.inc(sum(len(p) for p in prompts))
+        return jobs
+
+    def _finished(self, arrival: float, first_at: float, tokens: int, status: int) -> None:
+        end = time.monotonic()
+        self.m_requests.labels(str(status)).inc()
+        self.m_e2e.observe(end - arrival)
+        self.m_generation_tokens.inc(tokens)
+        if tokens > 1:
+            self.m_tpot.observe((end - first_at) / (tokens - 1))
+
+    # ------------------------------------------------------------------ responses
+    async def _respond(self, jobs: list[Job], arrival: float, first_at: float, n: int, build) -> Response:
+        choices: dict[int, oa.Choice] = {}
+        try:
+            async for i, item in self.streams.merged(jobs):
+                for d in item.seqs:
+                    idx = i * n + d.index
+                    choices.setdefault(idx, oa.Choice(idx)).add(d)
+        except oa.APIError as e:
+            self._finished(arrival, first_at, 0, e.status)
+            return error_response(e)
+        finally:
+            self.streams.close(jobs)
+        ordered = [choices[k] for k in sorted(choices)]
+        completion_tokens = sum(c.num_tokens for c in ordered)
+        self._finished(arrival, first_at, completion_tokens, 200)
+        prompt_tokens = sum(len(j.prompt_ids) for j in jobs)
+        return JSONResponse({**build(ordered), "usage": oa.usage(prompt_tokens, completion_tokens)})
+
+    def _sse(self, events: AsyncIterator[dict], jobs: list[Job]) -> StreamingResponse:
+        async def body() -> AsyncIterator[bytes]:
+            try:
+                async for event in events:
+                    yield b"data: " + json.dumps(event, separators=(",", ":")).encode() + b"\n\n"
+            except Exception as e:  # noqa: BLE001 - headers are sent: the error becomes the stream's last event
+                if not isinstance(e, oa.APIError):
+                    log.exception("stream failed")
+                    e = oa.APIError(500, f"internal error: {e!r}")
+                self.m_requests.labels(str(e.status)).inc()
+                yield b"data: " + json.dumps(e.body()).encode() + b"\n\n"
+            finally:
+                self.streams.close(jobs)
+            yield b"data: [DONE]\n\n"
+
+        return ClosingStreamingResponse(body(), lambda: self.streams.close(jobs), media_type="text/event-stream",
+                                        headers={"Cache-Control": "no-cache"})
+
+    async def _completion_events(self, jobs: list[Job], resp: dict, params: SamplingParams, include_usage: bool,
+                                 arrival: float, first_at: float) -> AsyncIterator[dict]:
+        tokens = 0
+        offsets: dict[int, int] = {}
+        extra = {"usage": None} if include_usage else {}
+        async for i, item in self.streams.merged(jobs):
+            for d in item.seqs:
+                idx = i * params.n + d.index
+                tokens += len(d.token_ids)
+                logprobs = None
+                if params.logprobs is not None:
+                    logprobs, offsets[idx] = oa.completion_logprobs(d.logprobs or [], self.token_text,
+                                                                    offsets.get(idx, 0))
+                yield {**resp, "choices": [{"index": idx, "text": d.text, "logprobs": logprobs,
+                                            "finish_reason": d.finish_reason, "stop_reason": d.stop_reason}], **extra}
+        self._finished(arrival, first_at, tokens, 200)
+        if include_usage:
+            yield {**resp, "choices": [], "usage": oa.usage(sum(len(j.prompt_ids) for j in jobs), tokens)}
+
+    async def _chat_events(self, jobs: list[Job], resp: dict, params: SamplingParams, include_usage: bool,
+                           arrival: float, first_at: float) -> AsyncIterator[dict]:
+        tokens = 0
+        started: set[int] = set()
+        extra = {"usage": None} if include_usage else {}
+        async for _, item in self.streams.merged(jobs):
+            for d in item.seqs:
+                tokens += len(d.token_ids)
+                if d.index not in started:  # OpenAI opens every choice with the role
+                    started.add(d.index)
+                    yield {**resp, "choices": [{"index": d.index, "delta": {"role": "assistant", "content": ""},
+                                                "logprobs": None, "finish_reason": None}], **extra}
+                logprobs = (oa.chat_logprobs(d.logprobs or [], self.token_text, params.logprobs)
+                            if params.logprobs is not None else None)
+                delta = {"content": d.text} if d.text or d.finish_reason is None else {}
+                yield {**resp, "choices": [{"index": d.index, "delta": delta, "logprobs": logprobs,
+                                            "finish_reason": d.finish_reason, "stop_reason": d.stop_reason}], **extra}
+        self._finished(arrival, first_at, tokens, 200)
+        if include_usage:
+            yield {**resp, "choices": [], "usage": oa.usage(len(jobs[0].prompt_ids), tokens)}

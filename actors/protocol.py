@@ -1,0 +1,113 @@
+"""What crosses between the deployments: small, plain, cheap to pickle.
+
+The ingress tokenizes and validates, so a worker receives token ids, never text, and sends back one
+``StepItem`` per engine step holding only that step's new tokens and text (the engine's streaming deltas).
+Items are named tuples of lists and floats rather than the engine's dataclasses: at 100 streams and ~50 steps/s
+the worker pickles thousands of them a second, and the prompt (which ``RequestOutput`` repeats on every delta)
+must not travel each time.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+
+_arrival_counter = itertools.count()
+
+
+@dataclass
+class WorkRequest:
+    """Ingress → worker: one prompt, already tokenized and validated."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    priority: int = 0
+
+
+@dataclass(eq=False)
+class QueuedRequest:
+    """Ingress → scheduler: what admission and routing need to know, without the prompt itself.
+
+    It carries the attributes that ``policies.SchedulingPolicy.sort_key`` reads (``arrival_time``,
+    ``arrival_seq``, ``priority``, ``num_tokens``, ``num_computed_tokens``), so the global queue is ordered by
+    the very policy objects the engine uses.
+    """
+
+    request_id: str
+    num_prompt_tokens: int
+    max_new_tokens: int
+    n: int = 1
+    priority: int = 0
+    # Hook for prefix affinity (a later issue): hashes of the prompt's full KV blocks, as the engine chains them.
+    prefix_hashes: tuple[int, ...] = ()
+    arrival_time: float = field(default_factory=time.monotonic)
+    arrival_seq: int = field(default_factory=lambda: next(_arrival_counter))
+    num_computed_tokens: int = 0  # nothing is computed while a request waits for a worker
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_prompt_tokens
+
+
+class Admission(NamedTuple):
+    """Scheduler → ingress: the verdict on one ``QueuedRequest``."""
+
+    worker_id: str | None  # the chosen model-worker replica (its Serve unique id); None when refused
+    status: int = 200  # 429 queue full, 400 can never fit, 503 no worker / waited too long
+    message: str = ""
+    retry_after_s: float | None = None
+
+
+class TokenLogprob(NamedTuple):
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+class SeqDelta(NamedTuple):
+    """One sequence's progress in one step: the new tokens and text only."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None
+    finish_reason: str | None
+    stop_reason: int | str | None
+
+
+class StepItem(NamedTuple):
+    """Worker → ingress, once per engine step in which the request made progress."""
+
+    seqs: list[SeqDelta]
+    finished: bool
+
+
+class WorkerError(NamedTuple):
+    """Worker → ingress instead of a ``StepItem``: the engine refused (400) or failed (500) the request."""
+
+    message: str
+    param: str | None
+    status: int = 400
+
+
+class Refusal(NamedTuple):
+    """Worker → ingress, answering ``submit``: not started. The ingress asks the scheduler for a worker again."""
+
+    reason: str
+    worker_gone: bool  # the replica the scheduler chose no longer exists: stop routing to it
+
+
+def pack_output(out: RequestOutput) -> StepItem:
+    seqs = []
+    for c in out.outputs:
+        logprobs = None
+        if c.logprobs is not None:
+            logprobs = [TokenLogprob(lp.token_id, lp.logprob, list(lp.top)) for lp in c.logprobs]
+        seqs.append(SeqDelta(c.index, c.text, list(c.token_ids), logprobs, c.finish_reason, c.stop_reason))
+    return StepItem(seqs, out.finished)

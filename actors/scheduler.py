@@ -1,0 +1,104 @@
+"""The scheduler deployment: admission and routing, as a thin shell around ``admission.Dispatcher``.
+
+The ingress calls ``admit`` once per request and gets back the worker replica to stream from (or a refusal);
+``release`` when the request is over. Both are control messages: no token passes through here, so nothing a
+decode step waits for does either. ``admit`` blocks while the request waits in the global queue; if the caller
+is cancelled (client gone), the request leaves the queue.
+
+Workers announce themselves by heartbeat, but are routed to only while Serve's controller routes to them too:
+this process holds a handle to the worker deployment whose ``PinnedReplicaRouter`` reports the controller's
+replica set. A replica being scaled down leaves that set before it drains, and so stops getting new requests
+while it finishes the ones it has.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from ray import serve
+
+from actors.admission import Dispatcher, Placement, QueueFullError, RequestTooLargeError
+from actors.protocol import Admission, QueuedRequest
+from actors.replica_events import watch_replicas
+from actors.routing import ROUTING_POLICIES
+from actors.settings import ServiceConfig
+from policies import SCHEDULING_POLICIES
+
+log = logging.getLogger("ray.serve")
+
+
+class Scheduler:
+    def __init__(self, config: dict[str, Any], worker_deployment: str = "ModelWorker"):
+        cfg = ServiceConfig(**config)
+        self.queue_timeout_s = cfg.queue_timeout_s
+        self.core = Dispatcher(
+            SCHEDULING_POLICIES.build(cfg.engine.scheduling_policy, **cfg.engine.scheduling_policy_args),
+            ROUTING_POLICIES.build(cfg.routing_policy, **cfg.routing_policy_args),
+            max_queued_requests=cfg.max_queued_requests, max_inflight_per_worker=cfg.max_inflight_per_worker,
+            kv_overcommit=cfg.kv_overcommit, worker_timeout_s=cfg.worker_timeout_s, lease_grace_s=cfg.lease_grace_s,
+            min_retry_after_s=cfg.min_retry_after_s,
+        )
+        self.waiters: dict[str, asyncio.Future] = {}
+        self._loop = asyncio.get_running_loop()
+        self._expiry_task = self._loop.create_task(self._expire_loop(cfg.heartbeat_interval_s))
+        self.worker_deployment = (serve.get_replica_context().app_name, worker_deployment)
+        watch_replicas(self._on_replicas)
+        # A handle's router starts following the controller's replica set when the handle is initialised.
+        self._workers = serve.get_deployment_handle(worker_deployment, self.worker_deployment[0])
+        self._workers._init()
+
+    async def admit(self, req: QueuedRequest) -> Admission:
+        waiter = asyncio.get_running_loop().create_future()
+        self.waiters[req.request_id] = waiter
+        try:
+            try:
+                self._wake(self.core.submit(req))
+            except QueueFullError as e:
+                return Admission(None, 429, str(e), e.retry_after_s)
+            except RequestTooLargeError as e:
+                return Admission(None, 400, str(e))
+            try:
+                worker_id = await asyncio.wait_for(asyncio.shield(waiter), self.queue_timeout_s)
+            except asyncio.TimeoutError:
+                self._wake(self.core.cancel(req.request_id))
+                return Admission(None, 503, f"no worker could take the request within {self.queue_timeout_s:.0f} s",
+                                 self.core.retry_after_s())
+            return Admission(worker_id)
+        except asyncio.CancelledError:
+            # Routed or not, the request is over: cancel() drops it from the queue or releases its reservation.
+            self._wake(self.core.cancel(req.request_id))
+            raise
+        finally:
+            self.waiters.pop(req.request_id, None)
+
+    def release(self, request_id: str, worker_failed: bool = False) -> None:
+        self._wake(self.core.release(request_id, worker_failed))
+
+    def heartbeat(self, worker_id: str, info: dict[str, Any]) -> dict[str, Any]:
+        self._wake(self.core.heartbeat(worker_id, info))
+        return {"num_waiting": len(self.core.waiting), "num_workers": len(self.core.workers)}
+
+    def remove_worker(self, worker_id: str) -> None:
+        self.core.remove_worker(worker_id)
+
+    def snapshot(self) -> dict[str, Any]:
+        return self.core.snapshot()
+
+    def _on_replicas(self, app: str, deployment: str, replica_ids: set[str]) -> None:
+        # Called on the router's event loop, which may be another thread: hop onto ours.
+        if (app, deployment) == self.worker_deployment:
+            self._loop.call_soon_threadsafe(lambda: self._wake(self.core.set_routable(replica_ids)))
+
+    def _wake(self, placed: list[Placement]) -> None:
+        for req, worker_id in placed:
+            waiter = self.waiters.get(req.request_id)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(worker_id)
+
+    async def _expire_loop(self, period_s: float) -> None:
+        while True:
+            await asyncio.sleep(period_s)
+            for worker_id in self.core.expire():
+                log.warning("worker %s missed its heartbeats: no longer routing to it", worker_id)

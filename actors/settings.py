@@ -1,0 +1,129 @@
+"""The service's settings: the application ``args`` of a Serve config, as one pydantic model.
+
+``args.engine`` is an ``EngineConfig``; the rest is the service around it. Overrides apply in this order,
+later winning: the YAML, then ``GPT2SERVE_<ENGINE FIELD>`` environment variables (``GPT2SERVE_LOAD_FORMAT=dummy``),
+then flat ``key=value`` arguments (``serve run serve_app:build_app config=configs/gpt2xl.yaml load_format=dummy``)
+naming either an engine field or a service field.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from engine.config import EngineConfig
+
+ENV_PREFIX = "GPT2SERVE_"
+# Serve's own cap on concurrent calls per replica (default 5) would throttle an engine that batches by itself;
+# every deployment gets far more than any batch, and admission is done by the scheduler instead.
+DEFAULT_MAX_ONGOING = 4096
+
+
+class DeploymentSettings(BaseModel):
+    """Serve options of one deployment, passed through to ``Deployment.options``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_replicas: int | None = Field(1, ge=1, description="Fixed replica count (ignored with autoscaling_config).")
+    autoscaling_config: dict[str, Any] | None = Field(
+        None, description="Serve autoscaling: min_replicas, max_replicas, target_ongoing_requests, ...")
+    max_ongoing_requests: int = Field(DEFAULT_MAX_ONGOING, ge=1)
+    ray_actor_options: dict[str, Any] = Field(default_factory=dict, description="num_cpus, num_gpus, ...")
+    health_check_period_s: float | None = Field(None, gt=0)
+    health_check_timeout_s: float | None = Field(None, gt=0)
+    graceful_shutdown_timeout_s: float | None = Field(None, ge=0)
+    logging_config: dict[str, Any] | None = Field(None, description="Serve logging, e.g. {enable_access_log: false}.")
+
+    @model_validator(mode="after")
+    def _target_below_cap(self) -> "DeploymentSettings":
+        target = (self.autoscaling_config or {}).get("target_ongoing_requests")
+        if target is not None and target >= self.max_ongoing_requests:
+            # Serve never sees more than max_ongoing_requests per replica, so it would never scale up.
+            raise ValueError(f"autoscaling target_ongoing_requests ({target}) must be below "
+                             f"max_ongoing_requests ({self.max_ongoing_requests})")
+        return self
+
+    def serve_options(self) -> dict[str, Any]:
+        opts = self.model_dump(exclude_none=True)
+        if self.autoscaling_config is not None:
+            opts.pop("num_replicas", None)
+        return opts
+
+
+class ServiceConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    served_model_name: str | None = Field(None, description="Model name in the API; defaults to engine.model.")
+
+    # --- admission and routing (the scheduler deployment) ---
+    max_queued_requests: int = Field(1024, ge=0, description="Past this many waiting requests: HTTP 429.")
+    queue_timeout_s: float = Field(600.0, gt=0, description="A request waiting longer than this gets HTTP 503.")
+    min_retry_after_s: float = Field(1.0, gt=0)
+    routing_policy: str = Field("least_loaded", description="How a worker is picked: least_loaded.")
+    routing_policy_args: dict[str, Any] = Field(default_factory=dict)
+    max_inflight_per_worker: int | None = Field(
+        None, ge=1, description="Sequences routed to one worker at once; defaults to engine.max_num_seqs.")
+    kv_overcommit: float = Field(
+        1.0, gt=0, description="Reserve up to this multiple of a worker's KV pool (1.0: no preemption needed).")
+    heartbeat_interval_s: float = Field(0.5, gt=0)
+    worker_timeout_s: float = Field(10.0, gt=0, description="A worker silent this long is dropped from routing.")
+    lease_grace_s: float = Field(30.0, gt=0)
+    pin_wait_s: float = Field(1.0, ge=0, description="How long a call waits for its chosen replica to appear.")
+    channel_idle_s: float = Field(
+        10.0, gt=0, description="A worker closes an ingress's token channel after this long without requests.")
+
+    # --- API ---
+    max_n: int = Field(16, ge=1, description="Largest n a request may ask for.")
+
+    # --- deployments ---
+    ingress: DeploymentSettings = Field(
+        default_factory=lambda: DeploymentSettings(ray_actor_options={"num_cpus": 1}))
+    # Access logs of the internal deployments would log every admit / release / heartbeat / generate call.
+    scheduler: DeploymentSettings = Field(default_factory=lambda: DeploymentSettings(
+        ray_actor_options={"num_cpus": 0.5}, logging_config={"enable_access_log": False}))
+    worker: DeploymentSettings = Field(default_factory=lambda: DeploymentSettings(
+        ray_actor_options={"num_cpus": 1}, logging_config={"enable_access_log": False}))
+
+    @model_validator(mode="after")
+    def _single_scheduler(self) -> "ServiceConfig":
+        # The global queue lives in one process; two schedulers would each admit against stale reservations.
+        if self.scheduler.autoscaling_config is not None or (self.scheduler.num_replicas or 1) != 1:
+            raise ValueError("the scheduler deployment holds the global queue: it must have exactly one replica")
+        return self
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.engine.model
+
+    @classmethod
+    def from_args(cls, args: Mapping[str, Any] | None = None,
+                  env: Mapping[str, str] | None = None) -> "ServiceConfig":
+        """Build from Serve application args, applying environment and flat ``key=value`` overrides."""
+        args = dict(args or {})
+        env = os.environ if env is None else env
+        base: dict[str, Any] = {}
+        if "config" in args:  # serve run serve_app:build_app config=configs/x.yaml ...
+            data = yaml.safe_load(Path(args.pop("config")).read_text()) or {}
+            base = data["applications"][0].get("args", {}) if "applications" in data else data
+        nested = {k: v for k, v in args.items() if isinstance(v, Mapping)}
+        flat = {k: v for k, v in args.items() if not isinstance(v, Mapping)}
+        merged = {**base, **nested}
+        engine = dict(merged.get("engine") or {})
+        engine_fields = set(EngineConfig.model_fields)
+        for key, value in env.items():
+            if key.startswith(ENV_PREFIX) and key[len(ENV_PREFIX):].lower() in engine_fields:
+                engine[key[len(ENV_PREFIX):].lower()] = yaml.safe_load(value)
+        for key, value in flat.items():
+            # Command-line values arrive as strings: "8" -> 8, "true" -> True, "dummy" -> "dummy".
+            value = yaml.safe_load(value) if isinstance(value, str) else value
+            if key in engine_fields:
+                engine[key] = value
+            else:
+                merged[key] = value
+        merged["engine"] = engine
+        return cls(**merged)

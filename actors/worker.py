@@ -1,0 +1,192 @@
+"""The model-worker deployment: one ``AsyncLLM`` (its paged KV pool and step loop) per replica, as a thin shell.
+
+Tokens travel on *channels*, one long-lived stream per (ingress replica, worker replica) pair, not one stream
+per request. Every engine step hands each request's delta to its channel's outbox, and the channel yields
+whatever the outbox holds as one Ray item: one item per step per ingress, however many requests it carries.
+(A Serve stream per request costs the producer ~270 µs of CPU per item against ~11 µs per request batched on
+one stream, measured on the CPU machines; at 100 streams that is more than a core inside the process that
+also runs the engine loop.)
+
+Calls, all pinned to this replica by ``PinnedReplicaRouter``:
+- ``channel(channel_id)``: opens the stream; its first item is an empty batch (the channel exists). A channel
+  with no request for ``channel_idle_s`` ends, so that Serve, which counts open calls, can drain a replica being
+  scaled down; the ingress opens a new one when it needs it. When a channel ends because its ingress went
+  away, every request it carried is aborted.
+- ``submit(work, channel_id)``: starts a request whose deltas go to that channel. Refused (a reason string)
+  if this is not the replica the scheduler chose or the channel is unknown, so the ingress can retry.
+- ``abort(request_id)``: the client went away. Cancelling the request's task closes the engine's
+  ``generate``, which aborts the request and frees its blocks (the engine's one place for cancellation).
+
+A background task sends the scheduler heartbeats (pool geometry, engine stats, the request ids held here),
+which is how the scheduler learns this replica exists, how loaded it is, and that it is alive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from typing import Any, AsyncIterator
+
+from ray import serve
+
+from actors.protocol import Refusal, StepItem, WorkerError, WorkRequest, pack_output
+from engine.async_llm import AsyncLLM
+from engine.config import EngineConfig
+from engine.errors import InvalidRequestError
+
+log = logging.getLogger("ray.serve")
+AUTOSCALING_METRIC = "engine_load"
+_EARLY_ABORT_TTL_S = 60.0
+
+Batch = list[tuple[str, StepItem | WorkerError]]
+
+
+class Outbox:
+    """One channel's pending items; the channel takes them all at each wake-up."""
+
+    def __init__(self) -> None:
+        self.items: Batch = []
+        self.wakeup = asyncio.Event()
+        self.requests: set[str] = set()
+
+    def put(self, request_id: str, item: StepItem | WorkerError) -> None:
+        self.items.append((request_id, item))
+        self.wakeup.set()
+
+
+class ModelWorker:
+    def __init__(self, engine_config: dict[str, Any], scheduler, heartbeat_interval_s: float = 0.5,
+                 channel_idle_s: float = 10.0):
+        self.llm = AsyncLLM(EngineConfig(**engine_config))
+        self.scheduler = scheduler
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.channel_idle_s = channel_idle_s
+        context = serve.get_replica_context()
+        self.replica_id = context.replica_id.unique_id
+        self.actor_name = context.replica_id.to_full_id_str()
+        self.outboxes: dict[str, Outbox] = {}
+        self.tasks: dict[str, asyncio.Task] = {}  # request id -> the task streaming it into its outbox
+        self.early_aborts: dict[str, float] = {}  # aborts that overtook their submit
+        self.counters: Counter[str] = Counter()
+        self.global_queue_share = 0.0  # this worker's share of the scheduler's queue, from heartbeat replies
+        self._heartbeat_task = asyncio.get_running_loop().create_task(self._heartbeat_loop())
+
+    # ------------------------------------------------------------------ streaming
+    async def channel(self, channel_id: str, replica: str | None = None) -> AsyncIterator[Batch]:
+        if replica is not None and replica != self.replica_id:
+            raise RuntimeError(f"channel for replica {replica} reached {self.replica_id}")
+        box = self.outboxes[channel_id] = Outbox()
+        try:
+            yield []  # the channel exists: submits naming it may follow
+            while True:
+                try:
+                    await asyncio.wait_for(box.wakeup.wait(), self.channel_idle_s)
+                except asyncio.TimeoutError:
+                    if not box.requests and not box.items:
+                        return
+                    continue
+                box.wakeup.clear()
+                batch, box.items = box.items, []
+                yield batch
+        finally:  # the ingress is gone (or closed the channel): nobody will read these requests' tokens
+            del self.outboxes[channel_id]
+            for request_id in list(box.requests):
+                self._cancel(request_id)
+
+    async def submit(self, work: WorkRequest, channel_id: str, replica: str | None = None) -> Refusal | None:
+        """Start ``work``; None when started, else why not (the ingress then asks the scheduler again)."""
+        if replica is not None and replica != self.replica_id:
+            self.counters["misrouted"] += 1
+            return Refusal(f"replica {replica} is gone (the call reached {self.replica_id})", worker_gone=True)
+        box = self.outboxes.get(channel_id)
+        if box is None:  # it closed for idleness just as this request was sent
+            return Refusal(f"no channel {channel_id} on replica {self.replica_id}", worker_gone=False)
+        if self.early_aborts.pop(work.request_id, None) is not None:
+            self.counters["cancelled"] += 1
+            return None  # its client left before it started
+        box.requests.add(work.request_id)
+        self.tasks[work.request_id] = asyncio.get_running_loop().create_task(self._run(work, box))
+        self.counters["started"] += 1
+        return None
+
+    async def abort(self, request_id: str, replica: str | None = None) -> None:
+        if not self._cancel(request_id):
+            now = time.monotonic()
+            self.early_aborts = {k: t for k, t in self.early_aborts.items() if now - t < _EARLY_ABORT_TTL_S}
+            self.early_aborts[request_id] = now
+
+    def _cancel(self, request_id: str) -> bool:
+        task = self.tasks.get(request_id)
+        if task is None:
+            return False
+        task.cancel()
+        return True
+
+    async def _run(self, work: WorkRequest, box: Outbox) -> None:
+        finished = False
+        try:
+            async for out in self.llm.generate(work.prompt_token_ids, work.params, request_id=work.request_id,
+                                               priority=work.priority):
+                finished = out.finished
+                box.put(work.request_id, pack_output(out))
+        except InvalidRequestError as e:  # raised before the first step: nothing was allocated
+            finished = True
+            self.counters["invalid"] += 1
+            box.put(work.request_id, WorkerError(str(e), e.param, 400))
+        except asyncio.CancelledError:
+            pass  # aborted: the engine freed the request's blocks when its generator closed
+        except Exception as e:  # noqa: BLE001 - an engine step failed; the engine already dropped the request
+            finished = True
+            log.exception("request %s failed in the engine", work.request_id)
+            box.put(work.request_id, WorkerError(f"the engine failed this request: {e!r}", None, 500))
+        finally:
+            box.requests.discard(work.request_id)
+            self.tasks.pop(work.request_id, None)
+            self.counters["finished" if finished else "cancelled"] += 1
+
+    # ------------------------------------------------------------------ status
+    def info(self) -> dict[str, Any]:
+        engine = self.llm.engine
+        return {
+            **self.llm.stats(),
+            "worker_id": self.replica_id, "actor_name": self.actor_name,
+            "block_size": engine.config.block_size, "max_num_seqs": engine.config.max_num_seqs,
+            "max_model_len": engine.max_model_len, "num_channels": len(self.outboxes),
+            "requests_started": self.counters["started"], "requests_finished": self.counters["finished"],
+            "requests_cancelled": self.counters["cancelled"], "requests_invalid": self.counters["invalid"],
+            "requests_misrouted": self.counters["misrouted"],
+            "active_request_ids": sorted(self.tasks),
+        }
+
+    async def stats(self, replica: str | None = None) -> dict[str, Any]:
+        """This replica's engine stats and counters (call pinned: ``worker.stats.remote(replica=id)``)."""
+        return self.info()
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        # Serve counts ongoing calls, which here are a few long-lived channels; scale on requests instead:
+        # those this worker holds plus its share of the ones waiting for any worker in the global queue.
+        return {AUTOSCALING_METRIC: len(self.tasks) + self.global_queue_share}
+
+    async def check_health(self) -> None:
+        await self.llm.check_health()  # raises if the step loop died: Serve then replaces the replica
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            try:
+                # Bounded: a call to a deployment with no replica (scheduler restarting) would wait forever.
+                reply = await asyncio.wait_for(self.scheduler.heartbeat.remote(self.replica_id, self.info()),
+                                               max(5.0, 4 * self.heartbeat_interval_s))
+                self.global_queue_share = reply["num_waiting"] / max(reply["num_workers"], 1)
+            except Exception as e:  # noqa: BLE001 - the scheduler may be starting or restarting; keep trying
+                log.warning("heartbeat to the scheduler failed: %r", e)
+            await asyncio.sleep(self.heartbeat_interval_s)
+
+    async def __del__(self) -> None:
+        # Serve calls this on graceful shutdown, after draining. Stop heartbeating so the scheduler forgets us.
+        self._heartbeat_task.cancel()
+        try:  # bounded: when the whole application is deleted, the scheduler may already be gone
+            await asyncio.wait_for(self.scheduler.remove_worker.remote(self.replica_id), 2.0)
+        except Exception:  # noqa: BLE001 - best effort; the heartbeat timeout covers it
+            pass

@@ -1,0 +1,54 @@
+"""Builds the Ray Serve application: ``serve run configs/gpt2xl.yaml`` reaches ``build_app`` by ``import_path``.
+
+    client ──HTTP──▶ Ingress ──admit / release──▶ Scheduler (one replica: global queue, routing)
+                        │  ◀── heartbeats ──────────────┘ ▲
+                        └──generate (pinned, streamed)──▶ ModelWorker × N (AsyncLLM + paged KV pool)
+
+The application ``args`` are a ``actors.settings.ServiceConfig``: ``engine:`` (an ``EngineConfig``) plus the
+service around it. Offline runs override the weights without editing the file:
+
+    GPT2SERVE_LOAD_FORMAT=dummy serve run configs/gpt2xl.yaml
+    serve run serve_app:build_app config=configs/gpt2xl.yaml load_format=dummy
+
+(``serve run`` ignores ``key=value`` arguments after a config file, hence the second form.)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
+
+from actors.autoscaling import POLICY_PATH
+from actors.ingress import Ingress
+from actors.replica_router import PinnedReplicaRouter
+from actors.scheduler import Scheduler
+from actors.settings import ServiceConfig
+from actors.worker import ModelWorker
+
+
+WORKER = "ModelWorker"
+
+
+def build_app(args: dict[str, Any] | None = None) -> Application:
+    cfg = ServiceConfig.from_args(args)
+    config = cfg.model_dump(mode="json")
+    scheduler = serve.deployment(Scheduler, name="Scheduler").options(**cfg.scheduler.serve_options()).bind(
+        config, WORKER)
+    worker = serve.deployment(ModelWorker, name=WORKER).options(
+        request_router_config=RequestRouterConfig(
+            request_router_class=PinnedReplicaRouter, request_router_kwargs={"pin_wait_s": cfg.pin_wait_s}),
+        **worker_options(cfg),
+    ).bind(cfg.engine.model_dump(mode="json"), scheduler, cfg.heartbeat_interval_s, cfg.channel_idle_s)
+    return serve.deployment(Ingress, name="Ingress").options(**cfg.ingress.serve_options()).bind(
+        config, scheduler, worker)
+
+
+def worker_options(cfg: ServiceConfig) -> dict[str, Any]:
+    """Serve options of the worker deployment; autoscaling goes by engine load unless a policy is named."""
+    opts = cfg.worker.serve_options()
+    if "autoscaling_config" in opts and "policy" not in opts["autoscaling_config"]:
+        opts["autoscaling_config"] = {**opts["autoscaling_config"], "policy": {"policy_function": POLICY_PATH}}
+    return opts
