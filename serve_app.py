@@ -41,9 +41,16 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         request_router_config=RequestRouterConfig(
             request_router_class=PinnedReplicaRouter, request_router_kwargs={"pin_wait_s": cfg.pin_wait_s}),
         **worker_options(cfg),
-    ).bind(cfg.engine.model_dump(mode="json"), scheduler, cfg.heartbeat_interval_s, cfg.channel_idle_s)
+    ).bind(cfg.engine.model_dump(mode="json"), scheduler, cfg.heartbeat_interval_s, cfg.channel_idle_s,
+           telemetry_args(cfg))
     return serve.deployment(Ingress, name="Ingress").options(**cfg.ingress.serve_options()).bind(
         config, scheduler, worker)
+
+
+def telemetry_args(cfg: ServiceConfig) -> dict[str, Any]:
+    """What a worker's metrics need: the model's name for labels, and the price of the GPUs it holds."""
+    return {"model_name": cfg.model_name, "cost": cfg.cost.model_dump(mode="json"),
+            "actor_num_gpus": float(cfg.worker.ray_actor_options.get("num_gpus", 0))}
 
 
 def worker_options(cfg: ServiceConfig) -> dict[str, Any]:

@@ -14,6 +14,7 @@ worker and releases the scheduler's reservation.
 """
 
 
+import asyncio
 import json
 import logging
 import math
@@ -30,9 +31,10 @@ from ray import serve
 from actors import openai_api as oa
 from actors.metrics import SnapshotCollector
 from actors.settings import ServiceConfig
-from actors.streams import Job, Streams
+from actors.streams import Job, Streams, detached
 from engine.errors import InvalidRequestError
 from engine.loader import load_hf_config
+from engine.metrics import merge_families
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import load_tokenizer
 
@@ -73,6 +75,14 @@ class ClosingStreamingResponse(StreamingResponse):
             self.on_close()
 
 
+class _Families:
+    def __init__(self, families: list):
+        self.families = families
+
+    def collect(self):
+        return self.families
+
+
 @serve.ingress(app)
 class Ingress:
     def __init__(self, config: dict[str, Any], scheduler, worker):
@@ -81,24 +91,30 @@ class Ingress:
         self.scheduler = scheduler
         hf = load_hf_config(cfg.engine)  # geometry only: the same numbers the workers' engines derive
         self.max_model_len = min(cfg.engine.max_model_len or hf.n_positions, hf.n_positions)
+        self.worker = worker
         self.streams = Streams(scheduler, worker, self.max_model_len)
         self.vocab_size = hf.vocab_size
         self.tokenizer = load_tokenizer(cfg.engine, hf.eos_token_id)
         self.token_text = oa.TokenText(self.tokenizer)
         self.created = oa.now_s()
+        # The client's view, from this ingress (global queue and hops included); the engine's own view, under
+        # vLLM's names (gpt2serve:time_to_first_token_seconds ...), comes from the workers: see metrics().
         self.registry = CollectorRegistry()
-        self.m_ttft = Histogram("gpt2serve:time_to_first_token_seconds", "Time to first token, at the ingress.",
+        self.m_ttft = Histogram("gpt2serve:http_time_to_first_token_seconds", "Time to first token, at the ingress.",
                                 buckets=(.01, .025, .05, .075, .1, .15, .2, .3, .5, .75, 1, 2.5, 5, 10, 20, 60),
                                 registry=self.registry)
-        self.m_tpot = Histogram("gpt2serve:time_per_output_token_seconds", "Mean time per output token after the "
-                                "first, per request.", buckets=(.005, .01, .015, .02, .025, .03, .04, .05, .075, .1,
-                                                                .15, .2, .3, .5, 1), registry=self.registry)
-        self.m_e2e = Histogram("gpt2serve:e2e_request_latency_seconds", "Request latency, at the ingress.",
+        self.m_tpot = Histogram("gpt2serve:http_time_per_output_token_seconds",
+                                "Mean time per output token after the first, per request, at the ingress.",
+                                buckets=(.005, .01, .015, .02, .025, .03, .04, .05, .075, .1, .15, .2, .3, .5, 1),
+                                registry=self.registry)
+        self.m_e2e = Histogram("gpt2serve:http_e2e_request_latency_seconds", "Request latency, at the ingress.",
                                buckets=(.1, .25, .5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300), registry=self.registry)
         self.m_requests = Counter("gpt2serve:requests", "Requests answered, by HTTP status.", ["status"],
                                   registry=self.registry)
-        self.m_prompt_tokens = Counter("gpt2serve:prompt_tokens", "Prompt tokens admitted.", registry=self.registry)
-        self.m_generation_tokens = Counter("gpt2serve:generation_tokens", "Tokens generated.", registry=self.registry)
+        self.m_prompt_tokens = Counter("gpt2serve:http_prompt_tokens", "Prompt tokens admitted.",
+                                       registry=self.registry)
+        self.m_generation_tokens = Counter("gpt2serve:http_generation_tokens", "Tokens sent to clients.",
+                                           registry=self.registry)
 
     # ------------------------------------------------------------------ endpoints
     @app.get("/health")
@@ -116,10 +132,22 @@ class Ingress:
 
     @app.get("/metrics")
     async def metrics(self) -> Response:
+        """This ingress's HTTP metrics, the scheduler's snapshot, and every routed worker's engine metrics
+        (``engine/metrics.py``), merged into one family per name."""
         snap = await self.scheduler.snapshot.remote()
+        families = await asyncio.gather(*(self._worker_families(w) for w in sorted(snap["workers"])))
         scrape = CollectorRegistry()
-        scrape.register(SnapshotCollector(snap))
+        scrape.register(SnapshotCollector(snap, model_name=self.cfg.model_name))
+        scrape.register(_Families(merge_families(families)))
         return Response(generate_latest(self.registry) + generate_latest(scrape), media_type=CONTENT_TYPE_LATEST)
+
+    async def _worker_families(self, worker_id: str) -> list:
+        try:  # bounded: one slow or dying worker must not hold up the scrape
+            return await asyncio.wait_for(
+                detached(lambda: self.worker.metrics_families.remote(replica=worker_id)), 5.0)
+        except Exception as e:  # noqa: BLE001 - a worker that just went away has no metrics to give
+            log.warning("metrics of worker %s unavailable: %r", worker_id, e)
+            return []
 
     @app.post("/v1/completions")
     async def completions(self, request: Request) -> Response:

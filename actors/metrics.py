@@ -1,32 +1,36 @@
 """Prometheus gauges from the scheduler's snapshot: the global queue and every worker's engine stats.
 
 Built fresh at each scrape from the workers' latest heartbeats, so a replica that is gone disappears from
-``/metrics`` instead of leaving a stale series behind. Names follow vLLM's style (``vllm:num_requests_running``
-becomes ``gpt2serve:num_requests_running``), labelled by worker replica.
+``/metrics`` instead of leaving a stale series behind. Names follow vLLM's style, labelled by worker replica.
+The engine gauges and counters that the workers export themselves (``engine/metrics.py``: running / waiting /
+swapped, KV usage, ...) are left out here, so that each name has one source. Rejections are counted by the
+scheduler, so ``gpt2serve:request_rejected_total`` comes from its counters, with ``replica="scheduler"``.
 """
 
 from __future__ import annotations
 
 from typing import Any, Iterator
 
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from engine.metrics import PREFIX, SCHEDULER_METRICS
 
 # engine stat -> (metric name, help)
 ENGINE_GAUGES = {
-    "num_running": ("num_requests_running", "Sequences in the engine's running batch."),
-    "num_waiting": ("num_requests_waiting", "Sequences waiting inside the engine."),
-    "num_swapped": ("num_requests_swapped", "Sequences swapped out to CPU memory."),
-    "kv_usage": ("kv_cache_usage_perc", "Fraction of the KV pool in use (0..1)."),
     "num_free_blocks": ("kv_cache_free_blocks", "Free KV blocks."),
     "num_total_blocks": ("kv_cache_total_blocks", "KV blocks in the pool."),
 }
-SKIP = {"worker_id", "actor_name", "block_size", "max_num_seqs", "max_model_len", "active_request_ids"}
+SKIP = {"worker_id", "actor_name", "block_size", "max_num_seqs", "max_model_len", "active_request_ids",
+        "num_running", "num_waiting", "num_swapped", "kv_usage"}  # the last four: the workers export them
+REJECTIONS = {"rejected_queue_full": "queue_full", "rejected_too_large": "too_large"}
+SCHEDULER_REPLICA = "scheduler"
 
 
 class SnapshotCollector:
-    def __init__(self, snapshot: dict[str, Any], prefix: str = "gpt2serve:"):
+    def __init__(self, snapshot: dict[str, Any], prefix: str = "gpt2serve:", model_name: str = ""):
         self.snapshot = snapshot
         self.prefix = prefix
+        self.model_name = model_name
 
     def collect(self) -> Iterator[Metric]:
         p = self.prefix
@@ -36,6 +40,11 @@ class SnapshotCollector:
                                 value=len(self.snapshot["workers"]))
         for name, value in sorted(self.snapshot["counters"].items()):
             yield GaugeMetricFamily(f"{p}scheduler_{name}", f"Scheduler counter {name} (since start).", value=value)
+        spec = SCHEDULER_METRICS["request_rejected"]
+        rejected = CounterMetricFamily(PREFIX + spec.name, spec.doc, labels=spec.labels)
+        for key, reason in REJECTIONS.items():
+            rejected.add_metric([self.model_name, SCHEDULER_REPLICA, reason], self.snapshot["counters"].get(key, 0))
+        yield rejected
 
         families: dict[str, GaugeMetricFamily] = {}
 

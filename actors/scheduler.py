@@ -20,10 +20,12 @@ from typing import Any
 from ray import serve
 
 from actors.admission import Dispatcher, Placement, QueueFullError, RequestTooLargeError
+from actors.metrics import REJECTIONS, SCHEDULER_REPLICA
 from actors.protocol import Admission, QueuedRequest
 from actors.replica_events import watch_replicas
 from actors.routing import ROUTING_POLICIES
 from actors.settings import ServiceConfig
+from engine.metrics import SCHEDULER_METRICS, RayBackend
 from policies import SCHEDULING_POLICIES
 
 log = logging.getLogger("ray.serve")
@@ -41,6 +43,10 @@ class Scheduler:
             min_retry_after_s=cfg.min_retry_after_s,
         )
         self.waiters: dict[str, asyncio.Future] = {}
+        # Rejections and queue length on Ray's metrics endpoint (the ingress's /metrics reads snapshot()).
+        self._rejected = RayBackend().make(SCHEDULER_METRICS["request_rejected"])
+        self._queue_length = RayBackend().make(SCHEDULER_METRICS["scheduler_queue_length"])
+        self._labels = (cfg.model_name, SCHEDULER_REPLICA)
         self._loop = asyncio.get_running_loop()
         self._expiry_task = self._loop.create_task(self._expire_loop(cfg.heartbeat_interval_s))
         self.worker_deployment = (serve.get_replica_context().app_name, worker_deployment)
@@ -56,8 +62,10 @@ class Scheduler:
             try:
                 self._wake(self.core.submit(req))
             except QueueFullError as e:
+                self._rejected.record(1, self._labels + (REJECTIONS["rejected_queue_full"],))
                 return Admission(None, 429, str(e), e.retry_after_s)
             except RequestTooLargeError as e:
+                self._rejected.record(1, self._labels + (REJECTIONS["rejected_too_large"],))
                 return Admission(None, 400, str(e))
             try:
                 worker_id = await asyncio.wait_for(asyncio.shield(waiter), self.queue_timeout_s)
@@ -73,17 +81,20 @@ class Scheduler:
         finally:
             self.waiters.pop(req.request_id, None)
 
-    def release(self, request_id: str, worker_failed: bool = False) -> None:
+    # The methods below are `async def` on purpose: Serve runs a deployment's plain `def` methods on a thread pool,
+    # where they would mutate the dispatcher (and resolve admit's futures) while `admit` runs on the event loop
+    # (seen at 100 users: "deque mutated during iteration").
+    async def release(self, request_id: str, worker_failed: bool = False) -> None:
         self._wake(self.core.release(request_id, worker_failed))
 
-    def heartbeat(self, worker_id: str, info: dict[str, Any]) -> dict[str, Any]:
+    async def heartbeat(self, worker_id: str, info: dict[str, Any]) -> dict[str, Any]:
         self._wake(self.core.heartbeat(worker_id, info))
         return {"num_waiting": len(self.core.waiting), "num_workers": len(self.core.workers)}
 
-    def remove_worker(self, worker_id: str) -> None:
+    async def remove_worker(self, worker_id: str) -> None:
         self.core.remove_worker(worker_id)
 
-    def snapshot(self) -> dict[str, Any]:
+    async def snapshot(self) -> dict[str, Any]:
         return self.core.snapshot()
 
     def _on_replicas(self, app: str, deployment: str, replica_ids: set[str]) -> None:
@@ -100,5 +111,6 @@ class Scheduler:
     async def _expire_loop(self, period_s: float) -> None:
         while True:
             await asyncio.sleep(period_s)
+            self._queue_length.record(len(self.core.waiting), self._labels)
             for worker_id in self.core.expire():
                 log.warning("worker %s missed its heartbeats: no longer routing to it", worker_id)

@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from engine.config import EngineConfig
+from engine.metrics import CostConfig
 
 ENV_PREFIX = "GPT2SERVE_"
 # Serve's own cap on concurrent calls per replica (default 5) would throttle an engine that batches by itself;
@@ -76,6 +77,10 @@ class ServiceConfig(BaseModel):
     pin_wait_s: float = Field(1.0, ge=0, description="How long a call waits for its chosen replica to appear.")
     channel_idle_s: float = Field(
         10.0, gt=0, description="A worker closes an ingress's token channel after this long without requests.")
+
+    # --- telemetry (engine/metrics.py, docs/telemetry.md) ---
+    cost: CostConfig = Field(default_factory=CostConfig, description="Price per GPU-hour by node type, and how "
+                             "many GPUs a worker replica pays for: the cost metrics.")
 
     # --- API ---
     max_n: int = Field(16, ge=1, description="Largest n a request may ask for.")

@@ -18,7 +18,9 @@ Calls, all pinned to this replica by ``PinnedReplicaRouter``:
   ``generate``, which aborts the request and frees its blocks (the engine's one place for cancellation).
 
 A background task sends the scheduler heartbeats (pool geometry, engine stats, the request ids held here),
-which is how the scheduler learns this replica exists, how loaded it is, and that it is alive.
+which is how the scheduler learns this replica exists, how loaded it is, and that it is alive. The same loop
+ticks the replica's metrics (``engine.metrics.ServingMetrics``: engine gauges, GPU-seconds and cost), which go
+to Ray's metrics endpoint and, through ``metrics_families()``, to the ingress's ``/metrics``.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ from actors.protocol import Refusal, StepItem, WorkerError, WorkRequest, pack_ou
 from engine.async_llm import AsyncLLM
 from engine.config import EngineConfig
 from engine.errors import InvalidRequestError
+from engine.metrics import (CostConfig, FanoutBackend, PrometheusBackend, RayBackend, ServingMetrics,
+                            gpu_memory_used_bytes, observe_steps)
 
 log = logging.getLogger("ray.serve")
 AUTOSCALING_METRIC = "engine_load"
@@ -58,7 +62,8 @@ class Outbox:
 
 class ModelWorker:
     def __init__(self, engine_config: dict[str, Any], scheduler, heartbeat_interval_s: float = 0.5,
-                 channel_idle_s: float = 10.0):
+                 channel_idle_s: float = 10.0, telemetry: dict[str, Any] | None = None):
+        started = time.monotonic()  # the replica pays for its GPUs from here, model loading included
         self.llm = AsyncLLM(EngineConfig(**engine_config))
         self.scheduler = scheduler
         self.heartbeat_interval_s = heartbeat_interval_s
@@ -66,6 +71,7 @@ class ModelWorker:
         context = serve.get_replica_context()
         self.replica_id = context.replica_id.unique_id
         self.actor_name = context.replica_id.to_full_id_str()
+        self._init_metrics(telemetry or {}, started)
         self.outboxes: dict[str, Outbox] = {}
         self.tasks: dict[str, asyncio.Task] = {}  # request id -> the task streaming it into its outbox
         self.early_aborts: dict[str, float] = {}  # aborts that overtook their submit
@@ -126,13 +132,16 @@ class ModelWorker:
 
     async def _run(self, work: WorkRequest, box: Outbox) -> None:
         finished = False
+        invalid = False
+        self.metrics.request_started(work.request_id)
         try:
             async for out in self.llm.generate(work.prompt_token_ids, work.params, request_id=work.request_id,
                                                priority=work.priority):
                 finished = out.finished
+                self.metrics.on_output(out)
                 box.put(work.request_id, pack_output(out))
         except InvalidRequestError as e:  # raised before the first step: nothing was allocated
-            finished = True
+            finished = invalid = True
             self.counters["invalid"] += 1
             box.put(work.request_id, WorkerError(str(e), e.param, 400))
         except asyncio.CancelledError:
@@ -145,6 +154,35 @@ class ModelWorker:
             box.requests.discard(work.request_id)
             self.tasks.pop(work.request_id, None)
             self.counters["finished" if finished else "cancelled"] += 1
+            self.metrics.request_ended(work.request_id, aborted=not invalid)  # no-op if it finished
+
+    # ------------------------------------------------------------------ metrics
+    def _init_metrics(self, telemetry: dict[str, Any], started: float) -> None:
+        device = self.llm.engine.runner.device
+        self.device = str(device)
+        device_name = None
+        if self.device.startswith("cuda"):
+            import torch
+
+            device_name = torch.cuda.get_device_name(device)
+        cost = CostConfig(**telemetry.get("cost", {})).resolve(device_name, telemetry.get("actor_num_gpus", 0.0))
+        self.prometheus = PrometheusBackend()
+        self.metrics = ServingMetrics(FanoutBackend(self.prometheus, RayBackend()),
+                                      telemetry.get("model_name", self.llm.engine.config.model), self.replica_id,
+                                      cost, started_at=started)
+        observe_steps(self.llm.engine, self.metrics.on_step)
+        log.info("worker %s: %s GPU(s) of node type %r at $%.4f per GPU-hour", self.replica_id, cost.num_gpus,
+                 cost.node_type, cost.price_per_gpu_hour)
+
+    def _tick_metrics(self) -> None:
+        self.metrics.tick(self.llm.stats(), gpu_memory_used_bytes(self.device))
+
+    async def metrics_families(self, replica: str | None = None) -> list:
+        """This replica's metric families, up to date, for the ingress's ``/metrics`` (call pinned)."""
+        if replica is not None and replica != self.replica_id:
+            return []  # the call reached another replica: that one's metrics come from its own call
+        self._tick_metrics()
+        return self.prometheus.families()
 
     # ------------------------------------------------------------------ status
     def info(self) -> dict[str, Any]:
@@ -174,6 +212,10 @@ class ModelWorker:
 
     async def _heartbeat_loop(self) -> None:
         while True:
+            try:
+                self._tick_metrics()
+            except Exception as e:  # noqa: BLE001 - metrics must never stop the heartbeat
+                log.warning("metrics tick failed: %r", e)
             try:
                 # Bounded: a call to a deployment with no replica (scheduler restarting) would wait forever.
                 reply = await asyncio.wait_for(self.scheduler.heartbeat.remote(self.replica_id, self.info()),

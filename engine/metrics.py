@@ -1,11 +1,12 @@
 """Serving metrics: their names (vLLM's style, our ``gpt2serve:`` prefix), where they go, and what they cost.
 
-One table, ``METRICS``, names every metric once; the recorder, the dashboards (``dashboards/``) and the tests all
-read it. ``ServingMetrics`` is the recorder a model worker drives: ``request_started`` / ``on_output`` /
-``request_ended`` per request, ``on_step`` per engine step (fed by ``observe_steps``), ``tick`` from a timer. It is
-plain Python behind a small ``Backend`` interface, so it runs in unit tests with ``PrometheusBackend`` alone, and
-in the service with both that (read by the ingress's ``/metrics``) and ``RayBackend`` (Ray's metrics endpoint,
-hence the Ray dashboard and any Prometheus that scrapes Ray).
+One table, ``METRICS`` (the workers' ``WORKER_METRICS`` and the scheduler's ``SCHEDULER_METRICS``), names every
+metric once; the recorder, the dashboards (``dashboards/``) and the tests all read it. ``ServingMetrics`` is the
+recorder a model worker drives: ``request_started`` / ``on_output`` / ``request_ended`` per request, ``on_step``
+per engine step (fed by ``observe_steps``), ``tick`` from a timer. It is plain Python behind a small ``Backend``
+interface, so it runs in unit tests with ``PrometheusBackend`` alone, and in the service with both that (read by
+the ingress's ``/metrics``) and ``RayBackend`` (Ray's metrics endpoint, hence the Ray dashboard and any
+Prometheus that scrapes Ray).
 
 Names: ``gpt2serve:<name>`` through prometheus_client; Ray 2.60 no longer accepts ``:`` in metric names and adds
 its own ``ray_`` prefix, so the same metric there is ``ray_gpt2serve_<name>``. Counters are declared without
@@ -261,8 +262,6 @@ class ServingMetrics:
         self._pending = {"prompt_tokens": 0, "generation_tokens": 0, "gpu_busy_seconds": 0.0}
         self._engine_counters: dict[str, int] = {}
         self._last_tick = clock() if started_at is None else started_at  # GPU time accrues from here
-        self.m["num_gpus"].record(cost.num_gpus, self.labels)
-        self.m["gpu_price_dollars_per_hour"].record(cost.price_per_gpu_hour, self.labels + (cost.node_type,))
 
     # --- requests
     def request_started(self, request_id: str) -> None:
@@ -334,6 +333,9 @@ class ServingMetrics:
             self._last_tick = now
             pending = dict(self._pending)
             self._pending = {k: type(v)() for k, v in self._pending.items()}
+        # Set at every tick: with Ray 2.60 a gauge set once (at start) was gone from its endpoint later on.
+        self.m["num_gpus"].record(self.cost.num_gpus, labels)
+        self.m["gpu_price_dollars_per_hour"].record(self.cost.price_per_gpu_hour, labels + (self.cost.node_type,))
         self.m["gpu_seconds"].record(held, labels)
         self.m["cost_dollars"].record(held * self.cost.dollars_per_gpu_second, labels)
         for name, value in pending.items():
