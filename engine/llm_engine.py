@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Callable
 
 from engine.config import EngineConfig
 from engine.errors import InvalidRequestError
 from engine.kv_manager import KVCacheManager
 from engine.model_runner import ModelRunner
 from engine.output_processor import OutputProcessor, RequestState, SequenceText
-from engine.outputs import RequestOutput
+from engine.outputs import RequestOutput, SchedulerOutput
 from engine.request import Request, RequestStatus
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
@@ -30,6 +31,10 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(config, self.runner.hf_config.eos_token_id)
         self.output_processor = OutputProcessor(self.tokenizer)
         self._timing = {"schedule_s": 0.0, "execute_s": 0.0, "update_s": 0.0}
+        # Observers (telemetry): each gets every step's SchedulerOutput as soon as it is planned (requests still in
+        # their pre-step state), and the step's whole duration in seconds once it is done.
+        self.schedule_observers: list[Callable[[SchedulerOutput], None]] = []
+        self.step_observers: list[Callable[[float], None]] = []
 
     # ------------------------------------------------------------------ requests
     def make_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
@@ -91,6 +96,8 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         t0 = time.perf_counter()
         sched = self.scheduler.schedule()
+        for observe in self.schedule_observers:
+            observe(sched)
         t1 = time.perf_counter()
         runner_out = self.runner.execute(sched)
         t2 = time.perf_counter()
@@ -103,6 +110,8 @@ class LLMEngine:
         self._timing["schedule_s"] += t1 - t0
         self._timing["execute_s"] += t2 - t1
         self._timing["update_s"] += t3 - t2
+        for observe in self.step_observers:
+            observe(t3 - t0)
         return outputs
 
     def stats(self) -> dict[str, float | int]:

@@ -3,7 +3,7 @@
 One table, ``METRICS`` (the workers' ``WORKER_METRICS`` and the scheduler's ``SCHEDULER_METRICS``), names every
 metric once; the recorder, the dashboards (``dashboards/``) and the tests all read it. ``ServingMetrics`` is the
 recorder a model worker drives: ``request_started`` / ``on_output`` / ``request_ended`` per request, ``on_step``
-per engine step (fed by ``observe_steps``), ``tick`` from a timer. It is plain Python behind a small ``Backend``
+per engine step (fed by ``observe_steps`` through the engine's step observers), ``tick`` from a timer. It is plain Python behind a small ``Backend``
 interface, so it runs in unit tests with ``PrometheusBackend`` alone, and in the service with both that (read by
 the ingress's ``/metrics``) and ``RayBackend`` (Ray's metrics endpoint, hence the Ray dashboard and any
 Prometheus that scrapes Ray).
@@ -360,19 +360,14 @@ class ServingMetrics:
 
 
 # ---------------------------------------------------------------------- engine hooks
-def observe_steps(engine, on_step: Callable[[StepInfo], None], clock: Callable[[], float] = time.perf_counter):
-    """Call ``on_step`` after every ``engine.step()`` with what the step scheduled and how long it took.
-
-    The engine has no step hook yet, so this wraps the instance's ``step`` and its scheduler's ``schedule``
-    (the classes are untouched). Runs on whichever thread steps the engine.
-    """
+def observe_steps(engine, on_step: Callable[[StepInfo], None]):
+    """Call ``on_step`` after every ``engine.step()`` with what the step scheduled and how long it took, through
+    the engine's schedule and step observers. Runs on whichever thread steps the engine."""
     scheduler = engine.scheduler
-    schedule, step = scheduler.schedule, engine.step
     seen: set[str] = set()  # requests already scheduled once (their queue time is known)
     last: list[StepInfo] = []
 
-    def schedule_and_note():
-        sched = schedule()
+    def note_schedule(sched) -> None:
         tokens: dict[str, int] = {}
         prefill = decode = 0
         queue_times = {}
@@ -393,21 +388,16 @@ def observe_steps(engine, on_step: Callable[[StepInfo], None], clock: Callable[[
         if len(seen) > 2 * len(scheduler.requests) + 64:  # forget requests that are gone
             seen.intersection_update(r.external_id for r in scheduler.requests.values())
         last.append(StepInfo(0.0, tokens, prefill, decode, queue_times))
-        return sched
 
-    def timed_step():
-        t0 = clock()
-        try:
-            return step()
-        finally:
-            if last:
-                info = last.pop()
-                last.clear()
-                info.duration_s = clock() - t0
-                on_step(info)
+    def note_step(duration_s: float) -> None:
+        if last:
+            info = last.pop()
+            last.clear()
+            info.duration_s = duration_s
+            on_step(info)
 
-    scheduler.schedule = schedule_and_note
-    engine.step = timed_step
+    engine.schedule_observers.append(note_schedule)
+    engine.step_observers.append(note_step)
     return engine
 
 
