@@ -1,4 +1,4 @@
-"""Offline benchmarks W1-W3 of ../shared/BENCHMARKS.md: our engine and the HuggingFace baselines, one process.
+"""Offline benchmarks W1-W3 and W5 of ../shared/BENCHMARKS.md: our engine and the HuggingFace baselines, one process.
 
     python -m benchmarks.offline --workloads W1,W2,W3 --model gpt2-xl --load-format dummy --dtype float16 \\
         --baselines hf-generate,hf-generate_batch,hf-generate-static --out benchmarks/results/<file>.json
@@ -36,17 +36,22 @@ from typing import Any, Callable
 import torch
 
 # ----------------------------------------------------------------------------------------------- workloads
-WORKLOADS = ("W1", "W2", "W3")
+WORKLOADS = ("W1", "W2", "W3", "W5")
 BASELINES = ("hf-generate", "hf-generate_batch", "hf-generate-static")
 # Which baseline BENCHMARKS.md runs on which workload.
 BASELINES_FOR = {"W1": ("hf-generate", "hf-generate_batch"), "W2": ("hf-generate", "hf-generate_batch"),
-                 "W3": ("hf-generate", "hf-generate-static")}
+                 "W3": ("hf-generate", "hf-generate-static"), "W5": ("hf-generate",)}
 TOKEN_ID_RANGE = 50_000  # prompts draw ids 0..50000 (inclusive), modulo the vocabulary of smaller models
 W3_RUNS = 5
 PAD_ID = 0  # left padding of HF's static batches; masked out, so any id does
 
 # Physical ceilings on one H100 80GB for GPT-2 XL in fp16 (BENCHMARKS.md): out tok/s for W1/W2, TPOT floor for W3.
 H100_CEILINGS = {"W1": 24_000.0, "W2": 17_600.0, "W3_tpot_ms": 1.04}
+# W5: with the shared prefix read once per step for all sequences, ~60,000 out tok/s; an engine whose attention reads
+# each sequence's whole context (no prefix caching, or caching without shared-prefix attention) is capped at ~14,800.
+W5_CEILINGS = {True: 60_000.0, False: 14_800.0}
+# vLLM 0.26.0 on an H100 (BENCHMARKS.md), the peer: not runnable in our jobs, quoted beside our figures.
+VLLM_H100 = {"W1": 14_050.0, "W2": 8_523.0, "W3_tpot_ms": 2.96, "W5": 13_084.0, "W5-no-prefix-caching": 7_675.0}
 GPT2_XL_GEOMETRY = dict(n_layer=48, n_embd=1600, n_head=25, vocab_size=50257)
 
 # Rough HF baseline costs on an H100 with GPT-2 XL fp16, from BENCHMARKS.md's figures, used only to predict
@@ -84,7 +89,7 @@ def _scaled(n: int, scale: float, minimum: int) -> int:
     return max(minimum, int(round(n * scale)))
 
 
-def build_workload(name: str, scale: float, vocab_size: int, max_model_len: int) -> Workload:
+def build_workload(name: str, scale: float, vocab_size: int, max_model_len: int, variant: int = 0) -> Workload:
     """Request lengths of BENCHMARKS.md, shrunk by ``scale`` and clamped to ``max_model_len``.
 
     Lengths are drawn at full scale and then scaled, so a scaled W2 keeps the shape of its length distribution.
@@ -98,6 +103,11 @@ def build_workload(name: str, scale: float, vocab_size: int, max_model_len: int)
         lengths = [(rng.randint(16, 768), rng.randint(16, 256)) for _ in range(1000)]
         n = 1000
         token_rng = random.Random(2)  # token ids from their own stream so the lengths stay BENCHMARKS.md's
+    elif name == "W5":
+        # One 512-token prefix shared by all, then 64 tokens of each request's own; all arrive at t=0. The token
+        # stream is per variant, so that the run with prefix caching finds nothing left from an earlier run.
+        n, lengths = 512, [(576, 128)] * 512
+        token_rng = random.Random(5 + variant)
     elif name == "W3":
         # One request per run; every run gets fresh random tokens so that a prefix cache cannot serve a repeat.
         n, lengths = W3_RUNS, [(128, 256)] * W3_RUNS
@@ -116,6 +126,14 @@ def build_workload(name: str, scale: float, vocab_size: int, max_model_len: int)
         o2 = min(o, max_model_len - 1)
         p2 = min(p, max_model_len - o2)
         clamped += (p2, o2) != (p, o)
+        if name == "W5":
+            if not prompts:
+                shared = [token_rng.randint(0, TOKEN_ID_RANGE) % vocab_size for _ in range(_scaled(512, scale, 1))]
+            own = max(p2 - len(shared), 1)
+            prompts.append(shared[:p2 - own] + [token_rng.randint(0, TOKEN_ID_RANGE) % vocab_size
+                                               for _ in range(own)])
+            outs.append(o2)
+            continue
         prompts.append([token_rng.randint(0, TOKEN_ID_RANGE) % vocab_size for _ in range(p2)])
         outs.append(o2)
     wl = Workload(name, prompts, outs, runs=W3_RUNS if name == "W3" else 1)
@@ -183,6 +201,7 @@ def latency_figures(ttft_s: list[float], tpot_s: list[float], with_p99: bool) ->
         return _round(None if not xs else percentile(xs, q) * 1000.0)
 
     return {"ttft_ms_p50": ms(ttft_s, 50), "tpot_ms_p50": ms(tpot_s, 50),
+            "ttft_ms_mean": _round(statistics.fmean(ttft_s) * 1000.0) if ttft_s else None,
             "ttft_ms_p99": ms(ttft_s, 99) if with_p99 else None, "tpot_ms_p99": ms(tpot_s, 99) if with_p99 else None}
 
 
@@ -242,6 +261,16 @@ def run_ours(llm, wl: Workload, device: torch.device) -> dict[str, Any]:
         rec["step_timing_ms"] = {"steps": steps, **{k: _round((v - steps_before.get(k, 0.0)) / steps)
                                                      for k, v in steps_after.items() if k != "steps"}}
     return rec
+
+
+def run_ours_caching(llm, wl: Workload, device: torch.device, caching: bool) -> dict[str, Any]:
+    """``run_ours`` with the engine's prefix caching switched on or off for this workload (W5)."""
+    kv = llm.engine.kv
+    saved, kv.enable_prefix_caching = kv.enable_prefix_caching, caching
+    try:
+        return run_ours(llm, wl, device)
+    finally:
+        kv.enable_prefix_caching = saved
 
 
 def _run_ours(llm, wl: Workload, device: torch.device) -> dict[str, Any]:
@@ -590,17 +619,27 @@ def ceiling_fraction(rec: dict[str, Any], h100_xl_fp16: bool) -> float | None:
         return _round(rec["out_tok_s"] / H100_CEILINGS[rec["workload"]], 4)
     if rec["workload"] == "W3" and rec.get("tpot_ms_p50"):
         return _round(H100_CEILINGS["W3_tpot_ms"] / rec["tpot_ms_p50"], 4)
+    if rec["workload"] == "W5" and rec.get("out_tok_s") and "prefix_caching" in rec:
+        return _round(rec["out_tok_s"] / W5_CEILINGS[rec["prefix_caching"]], 4)
     return None
+
+
+def ratio_to_vllm(rec: dict[str, Any]) -> float | None:
+    """Ours over vLLM's BENCHMARKS.md figure for the same workload (>1: ours is better); H100 GPT-2 XL fp16 only."""
+    key = rec["workload"] + ("-no-prefix-caching" if rec.get("prefix_caching") is False else "")
+    if key == "W3":
+        return _round(VLLM_H100["W3_tpot_ms"] / rec["tpot_ms_p50"], 3) if rec.get("tpot_ms_p50") else None
+    return _round(rec["out_tok_s"] / VLLM_H100[key], 3) if key in VLLM_H100 and rec.get("out_tok_s") else None
 
 
 def add_ratios(records: list[dict[str, Any]]) -> None:
     """ratio_to_<baseline> on our records: how many times better ours is than a baseline of the same job
     (throughput ratio for W1/W2; baseline TPOT / our TPOT for W3, with ttft_ratio_to_<baseline> beside it)."""
     for ours in records:
-        if ours["engine"] != "ours" or ours.get("error"):
+        if not ours["engine"].startswith("ours") or ours.get("error"):
             continue
         for base in records:
-            if base["workload"] != ours["workload"] or base["engine"] == "ours" or base.get("error"):
+            if base["workload"] != ours["workload"] or base["engine"].startswith("ours") or base.get("error"):
                 continue
             if ours["workload"] == "W3":
                 if base.get("tpot_ms_p50") and ours.get("tpot_ms_p50"):
@@ -618,12 +657,12 @@ def markdown_table(records: list[dict[str, Any]]) -> str:
     head = records[0] if records else {}
     lines = [f"Offline benchmarks: {head.get('model')} {head.get('dtype')} on {head.get('device')}, "
              f"commit {head.get('commit')}, {head.get('date')}", "",
-             "| workload | engine | requests | out tok/s | total tok/s | wall s | TTFT p50 ms | TPOT p50 ms "
-             "| of ceiling | ours vs baseline | errors / note |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| workload | engine | requests | out tok/s | total tok/s | wall s | TTFT p50 ms | TTFT mean ms "
+             "| TPOT p50 ms | of ceiling | vs vLLM | ours vs baseline | errors / note |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         if r.get("error"):
-            lines.append(f"| {r['workload']} | {r['engine']} | | | | | | | | | {r['error'][:120]} |")
+            lines.append(f"| {r['workload']} | {r['engine']} | | | | | | | | | | | {r['error'][:120]} |")
             continue
         ratios = ", ".join(f"{k.removeprefix('ratio_to_')} x{v:.2f}" for k, v in r.items() if k.startswith("ratio_to_"))
         frac = r.get("ceiling_fraction")
@@ -633,7 +672,9 @@ def markdown_table(records: list[dict[str, Any]]) -> str:
             f"| {r['workload']} | {r['engine']} | {r.get('num_requests')}"
             f"{' x' + str(r['runs']) + ' runs' if r.get('runs', 1) > 1 else ''} | {f(r.get('out_tok_s'))} "
             f"| {f(r.get('total_tok_s'))} | {f(r.get('wall_s'), 2)} | {f(r.get('ttft_ms_p50'), 2)} "
-            f"| {f(r.get('tpot_ms_p50'), 3)} | {'—' if frac is None else f'{100 * frac:.0f} %'} | {ratios or '—'} "
+            f"| {f(r.get('ttft_ms_mean'), 2)} | {f(r.get('tpot_ms_p50'), 3)} "
+            f"| {'—' if frac is None else f'{100 * frac:.0f} %'} "
+            f"| {'—' if r.get('ratio_to_vllm') is None else 'x' + format(r['ratio_to_vllm'], '.2f')} | {ratios or '—'} "
             f"| {note} |")
     return "\n".join(lines) + "\n"
 
@@ -750,6 +791,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                     "tpot_ms_p99"):
             rec.setdefault(key, None)
         rec["ceiling_fraction"] = ceiling_fraction(rec, h100_xl and dtype == torch.float16)
+        if rec["ceiling_fraction"] is not None and engine.startswith("ours"):
+            rec["ratio_to_vllm"] = ratio_to_vllm(rec)
         records.append(rec)
         write_results(records, args.out)
         log(f"{workload} {engine}: " + (rec.get("error") or
@@ -780,6 +823,14 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         for w in workloads:
             body = functools.partial(run_ours, llm, suites[w], device) if llm is not None else \
                 functools.partial(_fail, failure)
+            if w == "W5":
+                # The same engine with prefix caching switched off, on a prefix of its own.
+                off = build_workload(w, args.scale, hf_config.vocab_size, max_model_len, variant=1)
+                record(w, "ours", functools.partial(run_ours_caching, llm, suites[w], device, True)
+                       if llm is not None else body, {**ours_extra, "prefix_caching": True})
+                record(w, "ours-no-prefix-caching", functools.partial(run_ours_caching, llm, off, device, False)
+                       if llm is not None else body, {**ours_extra, "prefix_caching": False})
+                continue
             record(w, "ours", body, ours_extra)
         # The KV pool holds most of the GPU: drop the engine (and the last partial that points at it) before HF
         # needs the memory.

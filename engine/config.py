@@ -33,6 +33,9 @@ class EngineConfig(BaseModel):
     )
     cpu_kv_cache_gib: float = Field(1.0, gt=0, description="KV pool size when the model runs on the CPU.")
     swap_space_gib: float = Field(4.0, ge=0, description="CPU memory for swapped-out KV blocks.")
+    enable_prefix_caching: bool = Field(
+        True, description="Reuse the KV blocks of prompt prefixes already computed (chained block hashes)."
+    )
 
     # --- batching ---
     max_num_seqs: int = Field(256, ge=1, description="Most sequences in one step.")
@@ -42,7 +45,7 @@ class EngineConfig(BaseModel):
     )
 
     # --- policies (by name; see policies/) ---
-    scheduling_policy: str = Field("fcfs", description="Waiting-queue order: fcfs, priority, sjf.")
+    scheduling_policy: str = Field("fcfs", description="Waiting-queue order: fcfs, priority, sjf, lpm.")
     scheduling_policy_args: dict[str, Any] = Field(default_factory=dict)
     preemption_policy: str = Field("recompute", description="What preemption does to a victim: recompute, swap.")
     swap_policy: str = Field("watermark", description="When swapped requests come back: watermark, eager.")

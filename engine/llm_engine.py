@@ -26,7 +26,8 @@ class LLMEngine:
         self.runner = ModelRunner(config)
         self.max_model_len = self.runner.max_model_len
         self.vocab_size = self.runner.model.vocab_size
-        self.kv = KVCacheManager(self.runner.num_blocks, config.block_size, self.runner.num_cpu_blocks)
+        self.kv = KVCacheManager(self.runner.num_blocks, config.block_size, self.runner.num_cpu_blocks,
+                                 config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.kv)
         self.tokenizer = load_tokenizer(config, self.runner.hf_config.eos_token_id)
         self.output_processor = OutputProcessor(self.tokenizer)

@@ -69,6 +69,9 @@ class Request:
     stop_reason: int | str | None = None
     samples_to_fork: int = 0  # extra samples still to be split off once the prompt is computed
     arrival_seq: int = field(default_factory=lambda: next(_arrival_counter))
+    lora_id: str | None = None  # the adapter whose weights produce this sequence's K/V (None: the base model)
+    block_hashes: list[int] = field(default_factory=list)  # chained hashes of its full blocks, filled lazily
+    num_cached_tokens: int = 0  # while waiting: how many of its tokens the prefix cache holds (for lpm)
 
     def __post_init__(self) -> None:
         self.metrics = RequestMetrics(arrival_time=self.arrival_time)
@@ -80,6 +83,11 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def cache_extra_keys(self) -> tuple:
+        """What besides the tokens changes this sequence's K/V, and so belongs in its block hashes."""
+        return (self.lora_id,) if self.lora_id is not None else ()
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -139,13 +139,17 @@ class Scheduler:
 
             # Swapped requests hold CPU memory and were running before anything waiting: while one is still
             # out, new requests would take the blocks it needs to come back.
-            for req in self.policy.order(self.waiting, now) if not self.swapped else []:
+            for req in self._waiting_in_order(now) if not self.swapped else []:
                 if len(self.running) >= self.config.max_num_seqs or budget == 0:
                     break
-                n = self._num_new_tokens(req, budget)
-                blocks = self.kv.allocate(req, n)
+                # A request starts past whatever prefix of it is cached: those tokens cost no budget.
+                hit = self.kv.match_prefix(req) if req.request_id not in self.kv.tables else None
+                n = self._num_new_tokens(req, budget, hit.num_tokens if hit else None)
+                blocks = self.kv.allocate(req, n, hit)
                 if blocks is None:
                     break
+                if hit is not None:
+                    req.num_computed_tokens = hit.num_tokens
                 self.waiting.remove(req)
                 self._start_running(req, now)
                 scheduled[req.request_id] = n
@@ -156,8 +160,19 @@ class Scheduler:
         assert len(self.running) <= self.config.max_num_seqs
         return self._build_output(scheduled, new_blocks, swap_out, swap_in)
 
-    def _num_new_tokens(self, req: Request, budget: int) -> int:
-        n = req.num_tokens - req.num_computed_tokens
+    def _waiting_in_order(self, now: float) -> list[Request]:
+        if self.policy.uses_prefix_match:
+            # lpm orders by cached tokens, which change every step; matching a long queue each step would cost
+            # more than it saves, so past that length the queue is taken in arrival order (as SGLang does).
+            if len(self.waiting) > self.policy.max_queue_for_matching:
+                return sorted(self.waiting, key=lambda r: (r.arrival_time, r.arrival_seq))
+            for req in self.waiting:
+                if req.request_id not in self.kv.tables:
+                    req.num_cached_tokens = self.kv.match_prefix(req).num_tokens
+        return self.policy.order(self.waiting, now)
+
+    def _num_new_tokens(self, req: Request, budget: int, computed: int | None = None) -> int:
+        n = req.num_tokens - (req.num_computed_tokens if computed is None else computed)
         if self.config.long_prefill_token_threshold is not None:
             n = min(n, self.config.long_prefill_token_threshold)
         return min(n, budget)
@@ -222,6 +237,7 @@ class Scheduler:
             if req is None or req.status is not RequestStatus.RUNNING:
                 continue  # aborted while the step ran
             req.num_computed_tokens += n
+            self.kv.cache_full_blocks(req)
             for pos, lp in out.prompt_logprobs.get(req_id, []):
                 if pos == len(req.prompt_logprobs):
                     req.prompt_logprobs.append(lp)
@@ -268,7 +284,7 @@ class Scheduler:
                 prompt_token_ids=parent.prompt_token_ids, params=parent.params,
                 arrival_time=parent.arrival_time, max_total_tokens=parent.max_total_tokens,
                 eos_token_id=parent.eos_token_id, priority=parent.priority, sample_index=i,
-                arrival_seq=parent.arrival_seq,
+                arrival_seq=parent.arrival_seq, lora_id=parent.lora_id,
             )
             # The parent's table covers exactly the prompt here: it has not yet been given room for its token.
             assert self.kv.blocks_for(prompt_len) == len(self.kv.block_ids(parent))
@@ -282,5 +298,5 @@ class Scheduler:
         return {
             "num_running": len(self.running), "num_waiting": len(self.waiting), "num_swapped": len(self.swapped),
             "kv_usage": self.kv.usage, "num_free_blocks": self.kv.pool.num_free,
-            "num_total_blocks": self.kv.pool.num_blocks, **self.counters,
+            "num_total_blocks": self.kv.pool.num_blocks, **self.kv.stats(), **self.counters,
         }

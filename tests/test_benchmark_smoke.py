@@ -33,6 +33,10 @@ def test_workloads_follow_benchmarks_md():
     w3 = offline.build_workload("W3", 1.0, 50257, 1024)
     assert w3.runs == 5 and w3.num_requests == 1 and {len(p) for p in w3.prompts} == {128}
     assert len({tuple(p) for p in w3.prompts}) == 5  # fresh prompt per run: no prefix-cache hits between runs
+    w5 = offline.build_workload("W5", 1.0, 50257, 1024)
+    assert len(w5.prompts) == 512 and {len(p) for p in w5.prompts} == {576} and set(w5.out_lens) == {128}
+    assert len({tuple(p[:512]) for p in w5.prompts}) == 1 and len({tuple(p[512:]) for p in w5.prompts}) == 512
+    assert offline.build_workload("W5", 1.0, 50257, 1024, variant=1).prompts[0][:512] != w5.prompts[0][:512]
     # A 512-token model: W2's longest requests are clamped so prompt + output fits, ids fold into the vocab.
     small = offline.build_workload("W2", 1.0, 300, 512)
     assert all(len(p) + o <= 512 and o >= 2 for p, o in zip(small.prompts, small.out_lens))
@@ -121,3 +125,19 @@ def test_failing_baseline_is_recorded_not_fatal(model_dir, tmp_path, monkeypatch
     assert "out of memory, say" in by[("W1", "hf-generate")]["error"]
     assert by[("W3", "hf-generate")]["errors"] == 0 and by[("W3", "hf-generate")]["runs"] == 2
     assert json.loads(out.read_text()) == records
+
+
+def test_harness_w5_with_and_without_prefix_caching(model_dir, tmp_path):
+    """W5 runs twice on one engine: prefix caching on (hits), then off (none), each on a prefix of its own."""
+    out = tmp_path / "w5.json"
+    records = offline.main(["--workloads", "W5", "--model", str(model_dir), "--load-format", "auto", *CPU_ENGINE,
+                            "--engine-arg", "max_num_batched_tokens=256", "--scale", "0.1", "--out", str(out)])
+    by = {r["engine"]: r for r in records}
+    on, off = by["ours"], by["ours-no-prefix-caching"]
+    assert on["prefix_caching"] is True and off["prefix_caching"] is False
+    assert on["errors"] == off["errors"] == 0 and on["ttft_ms_mean"] > 0 and on["num_requests"] == 51
+    # 51 requests of 58 tokens sharing 51: blocks are cached once computed, so all but the first step's four
+    # requests find 3 blocks (48 tokens) cached.
+    assert on["engine_counters"]["prefix_cache_hits"] > 0.6 * on["prompt_tokens"]
+    assert off["engine_counters"]["prefix_cache_hits"] == 0
+    assert "| W5 | ours-no-prefix-caching |" in out.with_suffix(".md").read_text()

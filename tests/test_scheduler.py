@@ -240,11 +240,11 @@ def test_allocate_is_all_or_nothing():
     assert kv.all_free()
 
 
-def test_free_returns_the_tail_first():
+def test_freed_blocks_that_cache_nothing_are_reused_first():
     pool = BlockPool(4)
     blocks = pool.allocate(3)
     pool.release(blocks)
-    assert pool.allocate(4) == [3, 2, 1, 0]  # the untouched block, then tail to head
+    assert pool.allocate(4) == [0, 1, 2, 3]  # nothing is cached: the freed blocks, then the untouched one
 
 
 def test_fork_shares_blocks_and_copy_on_write_copies_before_writing():
