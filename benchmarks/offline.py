@@ -230,7 +230,8 @@ def _check_lengths(outs, wl_outs: list[int]) -> int:
     return sum(len(o.outputs[0].token_ids) != n for o, n in zip(outs, wl_outs, strict=True))
 
 
-_GAUGES = {"num_running", "num_waiting", "num_swapped", "kv_usage", "num_free_blocks", "num_total_blocks"}
+_GAUGES = {"num_running", "num_waiting", "num_swapped", "kv_usage", "num_free_blocks", "num_total_blocks",
+           "num_cached_blocks"}
 
 
 def _engine_counters(llm) -> dict[str, float]:
@@ -264,13 +265,28 @@ def run_ours(llm, wl: Workload, device: torch.device) -> dict[str, Any]:
 
 
 def run_ours_caching(llm, wl: Workload, device: torch.device, caching: bool) -> dict[str, Any]:
-    """``run_ours`` with the engine's prefix caching switched on or off for this workload (W5)."""
-    kv = llm.engine.kv
-    saved, kv.enable_prefix_caching = kv.enable_prefix_caching, caching
+    """``run_ours`` with the engine's prefix caching switched on or off for this workload (W5), and a trace of
+    its steps: [sequences, new tokens, prefill tokens, milliseconds] each, to show where the time goes."""
+    engine, trace = llm.engine, []
+    saved, engine.kv.enable_prefix_caching = engine.kv.enable_prefix_caching, caching
+
+    def planned(sched) -> None:
+        counts = sched.num_scheduled_tokens.values()
+        trace.append([len(counts), sum(counts), sum(n for n in counts if n > 1)])
+
+    def done(seconds: float) -> None:
+        trace[-1].append(_round(seconds * 1000.0))
+
+    engine.schedule_observers.append(planned)
+    engine.step_observers.append(done)
     try:
-        return run_ours(llm, wl, device)
+        rec = run_ours(llm, wl, device)
     finally:
-        kv.enable_prefix_caching = saved
+        engine.kv.enable_prefix_caching = saved
+        engine.schedule_observers.remove(planned)
+        engine.step_observers.remove(done)
+    rec["step_trace"] = trace
+    return rec
 
 
 def _run_ours(llm, wl: Workload, device: torch.device) -> dict[str, Any]:

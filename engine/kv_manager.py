@@ -226,10 +226,13 @@ class KVCacheManager:
             table = self.tables[rid] = []
         first_written = computed // self.block_size
         refs, hashed = self.pool.ref_counts, self.pool.block_hash
+        if (first_written == len(table) - 1 and computed + num_new_tokens <= len(table) * self.block_size
+                and refs[table[-1]] == 1 and hashed[table[-1]] is None):
+            return []  # the common decode step: the token fits the last block, which this sequence owns alone
         shared = [i for i in range(first_written, len(table)) if refs[table[i]] > 1 or hashed[table[i]] is not None]
         num_new = max(cdiv(computed + num_new_tokens, self.block_size) - len(table), 0)
         if not num_new and not shared:
-            return []  # the common decode step: the token fits the last block, which this sequence owns
+            return []
         blocks = self.pool.allocate(num_new + len(shared))
         if blocks is None:
             return None

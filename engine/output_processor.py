@@ -44,6 +44,8 @@ class RequestState:
 
     @property
     def finished(self) -> bool:
+        if len(self.seqs) == 1:  # the usual case, read per request per step
+            return self.seqs[0].finish_reason is not None
         return all(s.finish_reason is not None for s in self.seqs)
 
 
@@ -82,7 +84,8 @@ class OutputProcessor:
             if out.new_token_ids and state.first_token_time is None:
                 state.first_token_time = now
             seq.token_ids += out.new_token_ids
-            seq.logprobs += out.new_logprobs
+            if out.new_logprobs:
+                seq.logprobs += out.new_logprobs
             if state.params.detokenize and self._detokenize(seq, state.params):
                 stopped.append(out.req_id)
             elif out.finish_reason is not None:

@@ -232,12 +232,14 @@ class Scheduler:
         """Advance progress counters, append sampled tokens, finish what stopped, split off extra samples."""
         now = self.clock()
         results = []
+        caching, block_size = self.kv.enable_prefix_caching, self.kv.block_size
         for req_id, n in sched.num_scheduled_tokens.items():
             req = self.requests.get(req_id)
             if req is None or req.status is not RequestStatus.RUNNING:
                 continue  # aborted while the step ran
             req.num_computed_tokens += n
-            self.kv.cache_full_blocks(req)
+            if caching and req.num_computed_tokens // block_size != (req.num_computed_tokens - n) // block_size:
+                self.kv.cache_full_blocks(req)  # the step filled a block (checked inline: this loop is hot)
             for pos, lp in out.prompt_logprobs.get(req_id, []):
                 if pos == len(req.prompt_logprobs):
                     req.prompt_logprobs.append(lp)
@@ -265,9 +267,8 @@ class Scheduler:
                 self._finish(req, status)
             if tokens or status is not None:
                 results.append(EngineCoreOutput(
-                    req_id=req_id, external_id=req.external_id, sample_index=req.sample_index,
-                    new_token_ids=tokens, new_logprobs=logprobs[: len(tokens)],
-                    finish_reason=req.finish_reason, stop_reason=req.stop_reason, prompt_logprobs=prompt_logprobs,
+                    req_id, req.external_id, req.sample_index, tokens, logprobs[: len(tokens)] if logprobs else [],
+                    status.value if status is not None else None, req.stop_reason, prompt_logprobs,
                 ))
         return results
 
