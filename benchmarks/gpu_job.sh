@@ -2,6 +2,7 @@
 # One GPU job phase on the lent machine (see benchmarks/README.md). Usage: bash benchmarks/gpu_job.sh PHASE COMMIT
 #   check:   GPU tests, kernel micro-benchmarks, fp16 agreement, and the PyTorch-reference engine on W1/W3
 #   offline: W1-W3 of ours (Triton + CUDA graphs) beside the HF baselines, in one process
+#   prefix:  cascade-attention tests and kernel figures, host overhead per step, W5 (prefix caching on and off)
 # Results go under $OUT (the device tool brings that folder back).
 set -uo pipefail
 phase=$1 commit=${2:-unknown}
@@ -24,5 +25,16 @@ offline)
     --device cuda --baselines hf-generate,hf-generate_batch,hf-generate-static --baseline-scale 0.25 \
     --baseline-scale W2=0.125 --hf-generate-w3-runs 1 --deadline-s 500 --commit "$commit" \
     --out "$OUT/offline_W1-W3.json" 2>&1 | tee "$OUT/offline_log.txt" | tail -25
+  ;;
+prefix)
+  # Issue 7: prefix caching + cascade attention. W5 with vLLM's batch limits (16,384 batched tokens; 512 sequences,
+  # enough for all of W5 at once), caching on and off in one engine, HF generate beside it.
+  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_cascade_attention.py tests/test_cascade_runner.py \
+    tests/test_gpu_engine.py 2>&1 | tail -8 | tee "$OUT/gpu_tests_prefix.log"
+  timeout 120 python3 benchmarks/kernels_gpu.py --no-sweep --out "$OUT/kernels.json" 2>&1 | grep -E "cascade|FAIL" | head -20
+  timeout 60 python3 -m benchmarks.host_overhead --out "$OUT/host_overhead.json" 2>&1 | tail -1
+  python3 -m benchmarks.offline --workloads W5 --model gpt2-xl --load-format dummy --dtype float16 --device cuda \
+    --engine-arg max_num_seqs=512 --engine-arg max_num_batched_tokens=16384 --baselines hf-generate \
+    --baseline-scale 0.25 --commit "$commit" --out "$OUT/offline_W5.json" 2>&1 | tee "$OUT/offline_W5_log.txt" | tail -8
   ;;
 esac

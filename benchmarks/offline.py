@@ -266,16 +266,21 @@ def run_ours(llm, wl: Workload, device: torch.device) -> dict[str, Any]:
 
 def run_ours_caching(llm, wl: Workload, device: torch.device, caching: bool) -> dict[str, Any]:
     """``run_ours`` with the engine's prefix caching switched on or off for this workload (W5), and a trace of
-    its steps: [sequences, new tokens, prefill tokens, milliseconds] each, to show where the time goes."""
+    its steps, to show where the time goes: [sequences, new tokens, prefill tokens, step ms, schedule ms,
+    execute ms, update ms] each (execute includes waiting for the GPU)."""
     engine, trace = llm.engine, []
     saved, engine.kv.enable_prefix_caching = engine.kv.enable_prefix_caching, caching
+    last = dict(engine._timing)
 
     def planned(sched) -> None:
         counts = sched.num_scheduled_tokens.values()
         trace.append([len(counts), sum(counts), sum(n for n in counts if n > 1)])
 
     def done(seconds: float) -> None:
-        trace[-1].append(_round(seconds * 1000.0))
+        now = engine._timing
+        trace[-1] += [_round(seconds * 1000.0)] + [_round((now[k] - last[k]) * 1000.0) for k in
+                                                   ("schedule_s", "execute_s", "update_s")]
+        last.update(now)
 
     engine.schedule_observers.append(planned)
     engine.step_observers.append(done)
