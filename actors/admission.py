@@ -8,7 +8,8 @@ the configured scheduling policy, so that priorities hold across workers instead
 
 Reservations are the scheduler's own accounting and change the moment it routes or releases a request, so
 back-to-back decisions see each other. Workers' heartbeats add what only they know (free blocks, running and
-waiting counts, which requests they really hold) and prove they are alive; a worker silent for
+waiting counts, which requests they really hold, which block hashes their prefix caches gained or lost: each
+worker's ``PrefixIndex``) and prove they are alive; a worker silent for
 ``worker_timeout_s`` is dropped, and a reservation its worker does not report for ``lease_grace_s`` is
 released (its ingress died before saying so).
 
@@ -23,6 +24,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from actors.prefix_index import PrefixIndex
 from actors.protocol import QueuedRequest
 from actors.routing import RoutingPolicy
 from policies.scheduling import SchedulingPolicy
@@ -58,6 +60,7 @@ class WorkerState:
     free_blocks: int = 0  # as last reported
     stats: dict[str, Any] = field(default_factory=dict)
     inflight: dict[str, Reservation] = field(default_factory=dict)
+    prefix_index: PrefixIndex = field(default_factory=PrefixIndex)  # what its prefix cache holds
 
     @property
     def load_tokens(self) -> int:
@@ -138,9 +141,10 @@ class Dispatcher:
         candidates = [w for w in self.workers.values() if self.routable is None or w.worker_id in self.routable]
         for req in order:
             fits = [w for w in candidates if w.fits(req, self.kv_overcommit)]
-            worker = self.routing.choose(req, fits) if fits else None
+            worker = self.routing.choose(req, fits, now) if fits else None
             if worker is None:
                 break
+            self.routing.routed(req, worker, now)
             worker.inflight[req.request_id] = Reservation(
                 req.num_prompt_tokens + req.max_new_tokens * req.n, worker.blocks_for(req), req.n, now)
             self.assigned[req.request_id] = worker.worker_id
@@ -175,8 +179,12 @@ class Dispatcher:
 
     # ------------------------------------------------------------------ workers
     def heartbeat(self, worker_id: str, info: dict[str, Any]) -> list[Placement]:
-        """A worker says it is alive: its pool geometry, engine stats, and the request ids it holds."""
+        """A worker says it is alive: its pool geometry, engine stats, the request ids it holds, and a numbered
+        report of its prefix cache (``cache_seq`` with ``cache_events`` or ``cache_snapshot``)."""
         now = self.clock()
+        info = dict(info)
+        seq, events, snapshot = info.pop("cache_seq", None), info.pop("cache_events", None), info.pop(
+            "cache_snapshot", None)
         worker = self.workers.get(worker_id)
         if worker is None:
             worker = self.workers[worker_id] = WorkerState(
@@ -186,6 +194,9 @@ class Dispatcher:
         worker.num_total_blocks = info["num_total_blocks"]
         worker.free_blocks = info.get("num_free_blocks", worker.num_total_blocks)
         worker.stats = info
+        if seq is not None:
+            worker.prefix_index.report(seq, events, snapshot)
+        worker.prefix_index.expire(now)
         active = set(info.get("active_request_ids", ()))
         for rid, res in list(worker.inflight.items()):
             if rid not in active and now - res.routed_at > self.lease_grace_s:
@@ -193,6 +204,11 @@ class Dispatcher:
                 self.assigned.pop(rid, None)
                 self.counters["leases_expired"] += 1
         return self.dispatch()
+
+    def needs_cache_snapshot(self, worker_id: str) -> bool:
+        """Whether the worker should send its whole set of cached hashes with its next heartbeat (after a gap)."""
+        worker = self.workers.get(worker_id)
+        return worker is not None and worker.prefix_index.needs_snapshot
 
     def set_routable(self, worker_ids: set[str]) -> list[Placement]:
         """Serve's controller routes to exactly these replicas now: a worker missing here is starting (not yet
@@ -232,9 +248,14 @@ class Dispatcher:
             "num_assigned": len(self.assigned),
             "routable": sorted(self.routable) if self.routable is not None else None,
             "counters": dict(self.counters),
+            "routing": {"policy": getattr(self.routing, "name", type(self.routing).__name__),
+                        "decisions": dict(self.routing.decisions)},
             "workers": {
                 wid: {"inflight": len(w.inflight), "load_tokens": w.load_tokens, "reserved_blocks": w.reserved_blocks,
                       "max_inflight": w.max_inflight, "age_s": self.clock() - w.last_seen,
+                      "cached_blocks": len(w.prefix_index.confirmed),
+                      "optimistic_blocks": len(w.prefix_index.optimistic),
+                      "cache_snapshots": w.prefix_index.snapshots,
                       "stats": {k: v for k, v in w.stats.items() if k != "active_request_ids"}}
                 for wid, w in self.workers.items()
             },

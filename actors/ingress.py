@@ -30,6 +30,7 @@ from ray import serve
 
 from actors import openai_api as oa
 from actors.metrics import SnapshotCollector
+from actors.routing import ROUTING_POLICIES
 from actors.settings import ServiceConfig
 from actors.streams import Job, Streams, detached
 from engine.errors import InvalidRequestError
@@ -92,7 +93,10 @@ class Ingress:
         hf = load_hf_config(cfg.engine)  # geometry only: the same numbers the workers' engines derive
         self.max_model_len = min(cfg.engine.max_model_len or hf.n_positions, hf.n_positions)
         self.worker = worker
-        self.streams = Streams(scheduler, worker, self.max_model_len)
+        # Prompts are hashed into block hashes here, once, only when the routing policy reads them.
+        routing = ROUTING_POLICIES.build(cfg.routing_policy, **cfg.routing_policy_args)
+        self.streams = Streams(scheduler, worker, self.max_model_len,
+                               hash_block_size=cfg.engine.block_size if routing.uses_prefix_hashes else None)
         self.vocab_size = hf.vocab_size
         self.tokenizer = load_tokenizer(cfg.engine, hf.eos_token_id)
         self.token_text = oa.TokenText(self.tokenizer)

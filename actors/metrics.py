@@ -4,7 +4,8 @@ Built fresh at each scrape from the workers' latest heartbeats, so a replica tha
 ``/metrics`` instead of leaving a stale series behind. Names follow vLLM's style, labelled by worker replica.
 The engine gauges and counters that the workers export themselves (``engine/metrics.py``: running / waiting /
 swapped, KV usage, ...) are left out here, so that each name has one source. Rejections are counted by the
-scheduler, so ``gpt2serve:request_rejected_total`` comes from its counters, with ``replica="scheduler"``.
+scheduler, so ``gpt2serve:request_rejected_total`` comes from its counters, with ``replica="scheduler"``, and so
+does ``gpt2serve:router_decisions_total{reason}`` from its routing policy's.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from typing import Any, Iterator
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from engine.metrics import PREFIX, SCHEDULER_METRICS
+from actors.routing import REASONS
+from engine.metrics import PREFIX, PREFIX_CACHE_COUNTERS, SCHEDULER_METRICS
 
 # engine stat -> (metric name, help)
 ENGINE_GAUGES = {
@@ -21,7 +23,8 @@ ENGINE_GAUGES = {
     "num_total_blocks": ("kv_cache_total_blocks", "KV blocks in the pool."),
 }
 SKIP = {"worker_id", "actor_name", "block_size", "max_num_seqs", "max_model_len", "active_request_ids",
-        "num_running", "num_waiting", "num_swapped", "kv_usage"}  # the last four: the workers export them
+        "num_running", "num_waiting", "num_swapped", "kv_usage",  # these four and the prefix-cache counters:
+        *PREFIX_CACHE_COUNTERS}  # the workers export them
 REJECTIONS = {"rejected_queue_full": "queue_full", "rejected_too_large": "too_large"}
 SCHEDULER_REPLICA = "scheduler"
 
@@ -45,6 +48,12 @@ class SnapshotCollector:
         for key, reason in REJECTIONS.items():
             rejected.add_metric([self.model_name, SCHEDULER_REPLICA, reason], self.snapshot["counters"].get(key, 0))
         yield rejected
+        spec = SCHEDULER_METRICS["router_decisions"]
+        decisions = CounterMetricFamily(PREFIX + spec.name, spec.doc, labels=spec.labels)
+        counted = self.snapshot.get("routing", {}).get("decisions", {})
+        for reason in REASONS:
+            decisions.add_metric([self.model_name, SCHEDULER_REPLICA, reason], counted.get(reason, 0))
+        yield decisions
 
         families: dict[str, GaugeMetricFamily] = {}
 
@@ -58,6 +67,8 @@ class SnapshotCollector:
                 [worker_id], w["inflight"])
             gauge("worker_load_tokens", "Prompt + output budget of the requests routed to the worker.").add_metric(
                 [worker_id], w["load_tokens"])
+            gauge("router_cached_blocks", "Block hashes the router knows the worker's prefix cache holds (from its "
+                  "events), without the optimistic ones.").add_metric([worker_id], w.get("cached_blocks", 0))
             for key, value in sorted(w["stats"].items()):
                 if key in SKIP or not isinstance(value, (int, float)) or isinstance(value, bool):
                     continue

@@ -44,7 +44,8 @@ class QueuedRequest:
     max_new_tokens: int
     n: int = 1
     priority: int = 0
-    # Hook for prefix affinity (a later issue): hashes of the prompt's full KV blocks, as the engine chains them.
+    # Hashes of the prompt's full KV blocks, chained as the engine keys its prefix cache (``prefix_index.
+    # prompt_hashes``); set by the ingress when the routing policy reads them (prefix_aware), else empty.
     prefix_hashes: tuple[int, ...] = ()
     arrival_time: float = field(default_factory=time.monotonic)
     arrival_seq: int = field(default_factory=lambda: next(_arrival_counter))

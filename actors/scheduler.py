@@ -5,7 +5,9 @@ The ingress calls ``admit`` once per request and gets back the worker replica to
 decode step waits for does either. ``admit`` blocks while the request waits in the global queue; if the caller
 is cancelled (client gone), the request leaves the queue.
 
-Workers announce themselves by heartbeat, but are routed to only while Serve's controller routes to them too:
+Workers announce themselves by heartbeat, which also carries what their prefix caches gained and lost since the
+last one (``actors/prefix_index.py``); the reply asks a worker for its whole set once when that record has a gap.
+Workers are routed to only while Serve's controller routes to them too:
 this process holds a handle to the worker deployment whose ``PinnedReplicaRouter`` reports the controller's
 replica set. A replica being scaled down leaves that set before it drains, and so stops getting new requests
 while it finishes the ones it has.
@@ -43,9 +45,12 @@ class Scheduler:
             min_retry_after_s=cfg.min_retry_after_s,
         )
         self.waiters: dict[str, asyncio.Future] = {}
-        # Rejections and queue length on Ray's metrics endpoint (the ingress's /metrics reads snapshot()).
+        # Rejections, queue length and routing decisions on Ray's metrics endpoint (the ingress's /metrics reads
+        # snapshot()). Decisions are counted by the routing policy and flushed from the expiry loop.
         self._rejected = RayBackend().make(SCHEDULER_METRICS["request_rejected"])
         self._queue_length = RayBackend().make(SCHEDULER_METRICS["scheduler_queue_length"])
+        self._decisions = RayBackend().make(SCHEDULER_METRICS["router_decisions"])
+        self._decisions_flushed: dict[str, int] = {}
         self._labels = (cfg.model_name, SCHEDULER_REPLICA)
         self._loop = asyncio.get_running_loop()
         self._expiry_task = self._loop.create_task(self._expire_loop(cfg.heartbeat_interval_s))
@@ -89,13 +94,21 @@ class Scheduler:
 
     async def heartbeat(self, worker_id: str, info: dict[str, Any]) -> dict[str, Any]:
         self._wake(self.core.heartbeat(worker_id, info))
-        return {"num_waiting": len(self.core.waiting), "num_workers": len(self.core.workers)}
+        return {"num_waiting": len(self.core.waiting), "num_workers": len(self.core.workers),
+                "send_cache_snapshot": self.core.needs_cache_snapshot(worker_id)}
 
     async def remove_worker(self, worker_id: str) -> None:
         self.core.remove_worker(worker_id)
 
     async def snapshot(self) -> dict[str, Any]:
         return self.core.snapshot()
+
+    def _flush_decisions(self) -> None:
+        for reason, total in self.core.routing.decisions.items():
+            delta = total - self._decisions_flushed.get(reason, 0)
+            if delta:
+                self._decisions.record(delta, self._labels + (reason,))
+                self._decisions_flushed[reason] = total
 
     def _on_replicas(self, app: str, deployment: str, replica_ids: set[str]) -> None:
         # Called on the router's event loop, which may be another thread: hop onto ours.
@@ -112,5 +125,6 @@ class Scheduler:
         while True:
             await asyncio.sleep(period_s)
             self._queue_length.record(len(self.core.waiting), self._labels)
+            self._flush_decisions()
             for worker_id in self.core.expire():
                 log.warning("worker %s missed its heartbeats: no longer routing to it", worker_id)

@@ -65,8 +65,12 @@ class ServiceConfig(BaseModel):
     max_queued_requests: int = Field(1024, ge=0, description="Past this many waiting requests: HTTP 429.")
     queue_timeout_s: float = Field(600.0, gt=0, description="A request waiting longer than this gets HTTP 503.")
     min_retry_after_s: float = Field(1.0, gt=0)
-    routing_policy: str = Field("least_loaded", description="How a worker is picked: least_loaded.")
-    routing_policy_args: dict[str, Any] = Field(default_factory=dict)
+    routing_policy: str = Field(
+        "prefix_aware", description="How a worker is picked: prefix_aware (the replica whose prefix cache holds the "
+        "longest prefix of the prompt, within max_imbalance_tokens of the least loaded), least_loaded.")
+    routing_policy_args: dict[str, Any] = Field(
+        default_factory=dict, description="Arguments of the routing policy: max_imbalance_tokens (both), "
+        "optimistic_ttl_s (prefix_aware: how long a routed prompt counts as cached before the worker confirms).")
     max_inflight_per_worker: int | None = Field(
         None, ge=1, description="Sequences routed to one worker at once; defaults to engine.max_num_seqs.")
     kv_overcommit: float = Field(

@@ -1,6 +1,7 @@
 """The ingress side of a request's trip: a worker from the scheduler, then its tokens over that worker's channel.
 
-``Streams.start`` asks the scheduler for a worker (``admit``: may wait in the global queue, or be refused),
+``Streams.start`` asks the scheduler for a worker (``admit``: may wait in the global queue, or be refused;
+with a prefix-aware routing policy the request carries its prompt's block hashes, ``hash_block_size`` set),
 makes sure this ingress has a channel open to that worker, registers the request's queue on it and submits
 the request. A worker that turns out to be gone, or a channel that closed for idleness at that moment, gives
 the reservation back and asks again (``max_attempts``), so a client sees an error only if that keeps failing.
@@ -29,6 +30,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import ReplicaUnavailableError
 
 from actors.openai_api import APIError
+from actors.prefix_index import prompt_hashes
 from actors.protocol import QueuedRequest, Refusal, StepItem, WorkerError, WorkRequest
 from engine.sampling_params import SamplingParams
 
@@ -105,8 +107,10 @@ class Job:
 
 
 class Streams:
-    def __init__(self, scheduler, worker, max_model_len: int, max_attempts: int = 3):
+    def __init__(self, scheduler, worker, max_model_len: int, max_attempts: int = 3,
+                 hash_block_size: int | None = None):
         self.scheduler = scheduler
+        self.hash_block_size = hash_block_size  # the engine's block size, when routing reads prefix hashes
         self.worker = worker
         self.max_model_len = max_model_len
         self.max_attempts = max_attempts
@@ -115,22 +119,24 @@ class Streams:
         self._background: set[asyncio.Task] = set()
 
     async def start_all(self, rid: str, prompts: list[list[int]], params: SamplingParams,
-                        priority: int) -> list[Job]:
+                        priority: int, lora_id: str | None = None) -> list[Job]:
         # Engine ids must be unique even when two clients send the same X-Request-Id.
         base = f"{rid}-{uuid.uuid4().hex[:8]}"
         jobs = [Job(f"{base}-{i}", ids) for i, ids in enumerate(prompts)]
         try:
-            await asyncio.gather(*(self.start(job, params, priority) for job in jobs))
+            await asyncio.gather(*(self.start(job, params, priority, lora_id) for job in jobs))
         except BaseException:
             self.close(jobs)
             raise
         return jobs
 
-    async def start(self, job: Job, params: SamplingParams, priority: int) -> None:
+    async def start(self, job: Job, params: SamplingParams, priority: int, lora_id: str | None = None) -> None:
         max_new = params.max_tokens if params.max_tokens is not None else self.max_model_len - len(job.prompt_ids)
+        hashes = (prompt_hashes(job.prompt_ids, self.hash_block_size, lora_id)
+                  if self.hash_block_size else ())  # ~1 µs per block: blake2b over 16 token ids
         for _ in range(self.max_attempts):
             job.worker_id = await self._admit(QueuedRequest(job.request_id, len(job.prompt_ids), max_new, params.n,
-                                                            priority))
+                                                            priority, hashes))
             refusal = await self._submit(job, WorkRequest(job.request_id, job.prompt_ids, params, priority))
             if refusal is None:
                 break
@@ -157,12 +163,24 @@ class Streams:
             verdict = await call
         except asyncio.CancelledError:
             call.cancel()  # leaves the global queue (or gives back the reservation just made)
+            self._background_call(self._release_if_admitted(call, req.request_id), "release")
             raise
         except WORKER_LOST as e:  # Serve restarts the scheduler; its queue is lost, so the client retries
             raise APIError(503, f"the scheduler is unavailable ({type(e).__name__}); retry", retry_after_s=1)
         if verdict.worker_id is None:
             raise APIError(verdict.status, verdict.message, retry_after_s=verdict.retry_after_s)
         return verdict.worker_id
+
+    async def _release_if_admitted(self, call, request_id: str) -> None:
+        """After cancelling ``admit``: if the scheduler had already answered (the cancel came too late to undo
+        anything there), its answer still arrives, and the reservation it names is given back here rather than
+        held until its lease expires. Seen when clients hang up under load, with the ingress slow to read replies."""
+        try:
+            verdict = await call
+        except BaseException:  # noqa: BLE001 - the cancel took effect: the scheduler dropped the request itself
+            return
+        if verdict.worker_id is not None:
+            await self._release(request_id, False)
 
     async def _submit(self, job: Job, work: WorkRequest) -> Refusal | None:
         try:

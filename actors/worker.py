@@ -18,7 +18,11 @@ Calls, all pinned to this replica by ``PinnedReplicaRouter``:
   ``generate``, which aborts the request and frees its blocks (the engine's one place for cancellation).
 
 A background task sends the scheduler heartbeats (pool geometry, engine stats, the request ids held here),
-which is how the scheduler learns this replica exists, how loaded it is, and that it is alive. The same loop
+which is how the scheduler learns this replica exists, how loaded it is, and that it is alive. Each heartbeat
+also carries what the engine's prefix cache gained and lost since the last one (``kv.drain_cache_events()``,
+numbered, folded into a mirror set here: ``prefix_index.CacheReport``), or the whole mirror once when the
+scheduler's reply asks for it, so that the scheduler can route a prompt to the replica caching its prefix. The
+mirror is this loop's own: the engine's step thread is never read from here. The same loop
 ticks the replica's metrics (``engine.metrics.ServingMetrics``: engine gauges, GPU-seconds and cost), which go
 to Ray's metrics endpoint and, through ``metrics_families()``, to the ingress's ``/metrics``.
 """
@@ -33,6 +37,7 @@ from typing import Any, AsyncIterator
 
 from ray import serve
 
+from actors.prefix_index import CacheReport
 from actors.protocol import Refusal, StepItem, WorkerError, WorkRequest, pack_output
 from engine.async_llm import AsyncLLM
 from engine.config import EngineConfig
@@ -77,6 +82,7 @@ class ModelWorker:
         self.early_aborts: dict[str, float] = {}  # aborts that overtook their submit
         self.counters: Counter[str] = Counter()
         self.global_queue_share = 0.0  # this worker's share of the scheduler's queue, from heartbeat replies
+        self.cache_report = CacheReport()
         self._heartbeat_task = asyncio.get_running_loop().create_task(self._heartbeat_loop())
 
     # ------------------------------------------------------------------ streaming
@@ -198,6 +204,13 @@ class ModelWorker:
             "active_request_ids": sorted(self.tasks),
         }
 
+    def _cache_fields(self) -> dict[str, Any]:
+        """The prefix-cache part of a heartbeat: events since the last one, or the whole mirror when due."""
+        drain = getattr(self.llm.engine.kv, "drain_cache_events", None)
+        if drain is None:  # an engine without prefix caching: nothing to report
+            return {}
+        return self.cache_report.next(drain())
+
     async def stats(self, replica: str | None = None) -> dict[str, Any]:
         """This replica's engine stats and counters (call pinned: ``worker.stats.remote(replica=id)``)."""
         return self.info()
@@ -218,9 +231,12 @@ class ModelWorker:
                 log.warning("metrics tick failed: %r", e)
             try:
                 # Bounded: a call to a deployment with no replica (scheduler restarting) would wait forever.
-                reply = await asyncio.wait_for(self.scheduler.heartbeat.remote(self.replica_id, self.info()),
+                info = {**self.info(), **self._cache_fields()}
+                reply = await asyncio.wait_for(self.scheduler.heartbeat.remote(self.replica_id, info),
                                                max(5.0, 4 * self.heartbeat_interval_s))
                 self.global_queue_share = reply["num_waiting"] / max(reply["num_workers"], 1)
+                if reply.get("send_cache_snapshot"):  # the scheduler's record has a gap (restart, lost report)
+                    self.cache_report.snapshot_due = True
             except Exception as e:  # noqa: BLE001 - the scheduler may be starting or restarting; keep trying
                 log.warning("heartbeat to the scheduler failed: %r", e)
             await asyncio.sleep(self.heartbeat_interval_s)

@@ -8,11 +8,13 @@ Needs only torch + triton (it imports kernels/*, never engine/). On a GPU it:
      pre-filled with NaN and every pool slot outside the live contexts set to NaN (max abs error per case);
   2. times them with triton.testing.do_bench (median): decode at batch 256 x ctx 512 (K/V bytes per second and
      the fraction of 3.0 TB/s), batch 1 x ctx 1024 with and without split-K, 512-token prefill chunks, write_kv,
-     and the fused kernels against unfused PyTorch;
-  3. unless --no-sweep, sweeps the decode/prefill tile configs and split counts and reports the best.
+     and the fused kernels against unfused PyTorch; cascade attention against the ordinary decode kernel on 512
+     sequences behind one shared 512-token prefix (and 4 groups of 128, each behind its own), 64..192 own
+     tokens each (GB/s there counts the bytes that must be read: each prefix once, plus every suffix);
+  3. unless --no-sweep, sweeps the decode/prefill/cascade tile configs and split counts and reports the best.
 It prints a table and, with --out, writes everything as JSON. Exit status 1 if any correctness check fails.
 --small shrinks every shape so the script can be smoke-tested on a CPU under TRITON_INTERPRET=1 (there, bf16
-prefill attention fails: the interpreter's bf16 tl.dot is broken and it truncates when casting to bf16).
+prefill and cascade attention fail: the interpreter's bf16 tl.dot is broken and it truncates when casting to bf16).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 import triton.testing  # noqa: E402
 
+from kernels import cascade_attention as ca  # noqa: E402
 from kernels import paged_attention as pa  # noqa: E402
 from kernels.attention_ref import paged_attention_ref, write_kv_ref  # noqa: E402
 from kernels.fused import add_layernorm, add_layernorm_ref, bias_gelu, bias_gelu_ref  # noqa: E402
@@ -53,6 +56,9 @@ class Shapes:
         self.long_ctx = 160 if small else 1024
         self.chunk, self.chunk_ctx = (32, 96) if small else (512, 2048)
         self.rows = (8, 16) if small else (256, 2048)  # fused kernels: decode-sized and prefill-sized batches
+        # Cascade: sequences, shared prefix tokens, own tokens (uniform in [lo, hi]), and group counts to try.
+        self.shared_seqs, self.shared_prefix, self.own = (16, 64, (8, 24)) if small else (512, 512, (64, 192))
+        self.shared_groups = (1, 2) if small else (1, 4)
 
 
 def make_batch(q_lens, ctx_lens, shapes, dtype, device, seed=0):
@@ -80,6 +86,71 @@ def make_batch(q_lens, ctx_lens, shapes, dtype, device, seed=0):
     return dict(q=q, pool=pool, poisoned=poisoned, block_tables=block_tables, seq_lens=seq_lens,
                 query_start_loc=qsl, max_query_len=max(q_lens), max_seq_len=max(ctx_lens),
                 q_lens=list(q_lens), ctx_lens=list(ctx_lens))
+
+
+def make_shared_batch(num_groups, shapes, dtype, device, seed=0):
+    """A decode batch of ``shapes.shared_seqs`` sequences in ``num_groups`` equal groups, each group behind its own
+    ``shapes.shared_prefix``-token prefix (the same pool blocks in every member's table), each sequence with its own
+    tokens after it. Rows alternate between groups, as a running batch would mix them. Holds the ordinary batch's
+    fields (full tables, NaN-poisoned pool) and, under ``cascade``, the cascade kernel's arguments."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    heads, dim, bs = shapes.heads, shapes.head_dim, shapes.block_size
+    n, prefix_blocks = shapes.shared_seqs, shapes.shared_prefix // bs
+    assert n % num_groups == 0 and shapes.shared_prefix % bs == 0
+    own = torch.randint(shapes.own[0], shapes.own[1] + 1, (n,), generator=gen, device=device).tolist()
+    own_blocks = [triton.cdiv(o, bs) for o in own]
+    num_blocks = num_groups * prefix_blocks + sum(own_blocks) + 1
+    perm = torch.randperm(num_blocks, device=device, generator=gen).to(torch.int32)
+    junk = perm[-1]
+    prefixes = perm[:num_groups * prefix_blocks].view(num_groups, prefix_blocks)
+    group_of = torch.arange(n, device=device) % num_groups
+    width = prefix_blocks + max(own_blocks) + 1
+    block_tables = junk.repeat(n, width)
+    suffix_tables = junk.repeat(n, max(own_blocks))
+    valid = torch.zeros(num_blocks * bs, dtype=torch.bool, device=device)
+    start = num_groups * prefix_blocks
+    ctx_lens = []
+    for b in range(n):
+        mine = perm[start:start + own_blocks[b]]
+        start += own_blocks[b]
+        block_tables[b, :prefix_blocks] = prefixes[group_of[b]]
+        block_tables[b, prefix_blocks:prefix_blocks + len(mine)] = mine
+        suffix_tables[b, :len(mine)] = mine
+        ctx_lens.append(shapes.shared_prefix + own[b])
+        pos = torch.arange(ctx_lens[-1], device=device)
+        valid[block_tables[b, pos // bs].long() * bs + pos % bs] = True
+    pool = torch.randn(2, num_blocks, bs, heads, dim, device=device, generator=gen).to(dtype)
+    poisoned = pool.clone()
+    poisoned.view(2, -1, heads, dim)[:, ~valid] = float("nan")
+    q = torch.randn(n, heads, dim, device=device, generator=gen).to(dtype)
+    i32 = dict(dtype=torch.int32, device=device)
+    cascade = dict(
+        prefix_tables=prefixes, prefix_lens=torch.full((num_groups,), shapes.shared_prefix, **i32),
+        group_query_start=torch.arange(num_groups + 1, **i32) * (n // num_groups),
+        group_rows=torch.argsort(group_of, stable=True).to(torch.int32),
+        suffix_tables=suffix_tables, suffix_lens=torch.tensor(own, **i32),
+        max_group_size=n // num_groups, max_prefix_len=shapes.shared_prefix, max_suffix_len=max(own),
+    )
+    return dict(q=q, pool=pool, poisoned=poisoned, block_tables=block_tables,
+                seq_lens=torch.tensor(ctx_lens, **i32), query_start_loc=torch.arange(n + 1, **i32),
+                max_query_len=1, max_seq_len=max(ctx_lens), q_lens=[1] * n, ctx_lens=ctx_lens, cascade=cascade,
+                unique_tokens=num_groups * shapes.shared_prefix + sum(own))
+
+
+def run_cascade(batch, out=None, num_splits=None, prefix_splits=None):
+    c = batch["cascade"]
+    return ca.cascade_attention(
+        batch["q"], batch["poisoned"], batch["query_start_loc"], c["prefix_tables"], c["prefix_lens"],
+        c["group_query_start"], c["group_rows"], c["suffix_tables"], c["suffix_lens"], c["max_group_size"],
+        c["max_prefix_len"], c["max_suffix_len"], batch["q"].shape[-1] ** -0.5, out=out, num_splits=num_splits,
+        prefix_splits=prefix_splits,
+    )
+
+
+def unique_kv_bytes(batch):
+    """K and V bytes a shared-prefix batch must read: each group's prefix once, plus every sequence's suffix."""
+    h, d = batch["q"].shape[1:]
+    return batch["unique_tokens"] * h * d * 2 * batch["pool"].element_size()
 
 
 def attn_args(batch):
@@ -210,6 +281,13 @@ def check_correctness(rep: Report, s: Shapes, device):
             rep.check(f"attention: {name}", dtype, got, ref_attn(batch), tol)
             del batch, out, got
 
+        for groups in s.shared_groups:
+            batch = make_shared_batch(groups, s, dtype, device, seed=groups)
+            out = torch.full_like(batch["q"], float("nan"))
+            rep.check(f"cascade: {groups} group(s) of {s.shared_seqs // groups}", dtype, run_cascade(batch, out=out),
+                      ref_attn(batch), tol)
+            del batch, out
+
         batch = make_batch([s.chunk, 1], [s.chunk + 40, 77], s, dtype, device, seed=99)
         t = batch["q"].shape[0] + 5
         bt = batch["block_tables"].long()
@@ -258,6 +336,27 @@ def run_timings(rep: Report, s: Shapes, device):
     for splits, label in ((1, "split=1"), (None, f"split=auto({auto})")):
         rep.time(f"decode b1 x ctx{s.long_ctx} {label}", lambda: run_attn(one, num_splits=splits),
                  nbytes=kv_bytes(one))
+
+    for groups in s.shared_groups:
+        sb = make_shared_batch(groups, s, dtype, device, seed=groups)
+        label = f"{s.shared_seqs} seqs in {groups} group(s), prefix {s.shared_prefix} + own {s.own[0]}..{s.own[1]}"
+        out = torch.empty_like(sb["q"])
+        # The ordinary kernel reads every context in full (mostly from L2 for the prefix); both rows count only
+        # the bytes that must be read, so their GB/s compare like their times.
+        rep.time(f"ordinary decode: {label}", lambda: run_attn(sb, out=out), nbytes=unique_kv_bytes(sb),
+                 note=f"must-read bytes; full contexts are x{kv_bytes(sb) / unique_kv_bytes(sb):.1f} that")
+        ordinary = rep.timings[-1]
+        rep.time(f"cascade decode: {label}", lambda: run_cascade(sb, out=out), nbytes=unique_kv_bytes(sb))
+        row = rep.timings[-1]
+        row["speedup_vs_ordinary"] = ordinary["median_us"] / row["median_us"]
+        row["note"] = f"x{row['speedup_vs_ordinary']:.2f} vs ordinary"
+        if "graph_us" in row and "graph_us" in ordinary:
+            row["graph_speedup_vs_ordinary"] = ordinary["graph_us"] / row["graph_us"]
+            row["note"] += f" (x{row['graph_speedup_vs_ordinary']:.2f} in graphs)"
+        print(f"    {row['note']}", flush=True)
+        del sb, out
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
     for q_len, ctx in ((s.chunk, s.chunk), (s.chunk, s.chunk_ctx)):
         pre = make_batch([q_len], [ctx], s, dtype, device)
@@ -343,6 +442,24 @@ def run_sweeps(rep: Report, s: Shapes, device):
         default=pa.default_num_splits(1, s.heads, 1, s.long_ctx, one["q"].device), results=results, best=best)
     print(f"  best num_splits: {best}", flush=True)
 
+    sb = make_shared_batch(1, s, dtype, device)
+    gbps_sb = ("GB/s", lambda ms, n=unique_kv_bytes(sb): n / (ms * 1e-3) / 1e9)
+    variants = [dict(block_m_max=bm, block_n=bn, num_warps=nw, num_stages=ns)
+                for bm, bn, nw in ((32, 64, 4), (64, 32, 4), (64, 64, 4), (64, 64, 8), (128, 64, 8), (128, 32, 8))
+                for ns in (2, 3)]
+    _sweep(rep, "cascade_config", ca.CASCADE_CONFIG, variants, sb, gbps_sb, run=lambda: run_cascade(sb))
+    results = []
+    ref = ref_attn(sb)
+    for prefix_splits in (1, 2, 4):
+        err = max_err(run_cascade(sb, prefix_splits=prefix_splits), ref)
+        ms = bench_ms(lambda: run_cascade(sb, prefix_splits=prefix_splits))
+        results.append(dict(prefix_splits=prefix_splits, us=ms * 1e3, max_abs_err=err, gbps=gbps_sb[1](ms)))
+        print(f"    cascade prefix_splits: {prefix_splits} -> {ms * 1e3:.1f} us ({gbps_sb[1](ms):.1f} GB/s)",
+              flush=True)
+    rep.sweeps["cascade_prefix_splits"] = dict(default="default_prefix_splits", results=results,
+                                               best=min(results, key=lambda r: r["us"]))
+    del sb
+
     pre = make_batch([s.chunk], [s.chunk_ctx], s, dtype, device)
     tflops = ("TFLOP/s", lambda ms, f=attn_flops(pre): f / (ms * 1e-3) / 1e12)
     variants = [dict(block_m_max=bm, block_n=bn, num_warps=nw, num_stages=ns)
@@ -363,7 +480,8 @@ def main():
     env = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu (triton interpreter)",
                torch=torch.__version__, triton=triton.__version__, small=args.small or device.type == "cpu",
                heads=shapes.heads, head_dim=shapes.head_dim, block_size=shapes.block_size,
-               decode_config=dict(pa.DECODE_CONFIG), prefill_config=dict(pa.PREFILL_CONFIG))
+               decode_config=dict(pa.DECODE_CONFIG), prefill_config=dict(pa.PREFILL_CONFIG),
+               cascade_config=dict(ca.CASCADE_CONFIG))
     print(f"{env['device']}  torch {env['torch']}  triton {env['triton']}", flush=True)
     torch.manual_seed(0)
     rep = Report()

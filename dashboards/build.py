@@ -5,7 +5,8 @@
 
 Four dashboards: latency (TTFT / TPOT / end-to-end / queue / step percentiles), throughput (tokens/s,
 requests/s, aborts, rejections), capacity (KV usage, queue depth, running / waiting / swapped, preemptions,
-swaps, GPU memory) and cost ($ per 1M output tokens, $ per request, GPU-hours, cost per replica, utilisation).
+swaps, GPU memory, prefix-cache hit rate and evictions, routing decisions) and cost ($ per 1M output tokens,
+$ per request, GPU-hours, cost per replica, utilisation).
 
 Every query is written once, with two dashboard variables: ``$datasource`` (a Prometheus data source) and
 ``$metric_prefix``, the name prefix of the source Prometheus scrapes: ``gpt2serve:`` for the service's
@@ -131,7 +132,9 @@ def throughput() -> db.Dashboard:
 
 
 def capacity() -> db.Dashboard:
-    return (base("gpt2serve-capacity", "gpt2serve / capacity", "KV pool, queues, preemptions and swaps.")
+    hits, queries = f"{P}prefix_cache_hits_total{F}", f"{P}prefix_cache_queries_total{F}"
+    return (base("gpt2serve-capacity", "gpt2serve / capacity",
+                 "KV pool, queues, preemptions and swaps, prefix cache and prefix-aware routing.")
             .with_panel(ts("KV cache usage", "percentunit", [
                 Q(f"max by (replica) ({P}kv_cache_usage_perc{F})", "{{replica}}")], w=12))
             .with_panel(ts("Queue depth", "short", [
@@ -146,8 +149,23 @@ def capacity() -> db.Dashboard:
                 Q(f"sum by (replica) (rate({P}num_swap_in_total{F}{RATE}))", "swap-ins {{replica}}")]))
             .with_panel(ts("GPU memory in use", "bytes", [
                 Q(f"max by (replica) ({P}gpu_memory_used_bytes{F})", "{{replica}}")],
-                "Device memory in use on each worker's GPU (0 on CPU workers). Prefix-cache hit rate arrives "
-                "with prefix caching (issue 7).")))
+                "Device memory in use on each worker's GPU (0 on CPU workers)."))
+            .with_row(db.Row("Prefix cache and routing"))
+            .with_panel(ts("Prefix-cache hit rate", "percentunit", [
+                Q(f"sum by (replica) (rate({hits}{RATE})) / sum by (replica) (rate({queries}{RATE}))", "{{replica}}"),
+                Q(f"sum(rate({hits}{RATE})) / sum(rate({queries}{RATE}))", "all replicas")],
+                "Prompt tokens found in the worker's prefix cache over prompt tokens looked up (vLLM's "
+                "prefix_cache_hits / prefix_cache_queries). Prefix-aware routing raises it by sending a prompt to "
+                "the replica that holds its prefix."))
+            .with_panel(ts("Routing decisions by reason", "reqps", [
+                Q(f"sum by (reason) (rate({P}router_decisions_total{F}{RATE}))", "{{reason}}")],
+                "prefix_match: routed to the replica caching the longest prefix of the prompt; load_fallback: "
+                "that replica was too busy (routing_policy_args.max_imbalance_tokens), so load decided; load: no "
+                "replica cached any of it."))
+            .with_panel(ts("Prefix-cache evictions per second", "short", [
+                Q(f"sum by (replica) (rate({P}prefix_cache_evictions_total{F}{RATE}))", "{{replica}}")],
+                "Cached KV blocks handed out again for new tokens (blocks/s): a high rate beside a low hit rate "
+                "means the pool is too small for the prefixes it is asked to keep.")))
 
 
 def cost() -> db.Dashboard:

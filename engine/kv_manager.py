@@ -16,7 +16,7 @@ cached and its last token is computed again for the logits, or a forked sample) 
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 from engine.prefix_cache import ROOT_HASH, block_hashes, extra_keys_bytes
@@ -40,8 +40,9 @@ class BlockPool:
         self.block_hash: list[int | None] = [None] * num_blocks
         self.block_key: list[BlockKey | None] = [None] * num_blocks
         self.cached: dict[int, int] = {}  # hash -> block
-        # (hash, stored?) in order, for the worker to publish to the router; swapped out whole by drain_events.
-        self.events: list[tuple[int, bool]] = []
+        # (hash, stored?) in order, for the worker to publish to the router. A deque: the worker drains it from
+        # the event loop's thread while the step thread appends, and append / popleft are each atomic.
+        self.events: deque[tuple[int, bool]] = deque()
         self.num_evictions = 0
 
     @property
@@ -186,10 +187,11 @@ class KVCacheManager:
     def drain_cache_events(self) -> list[tuple[int, bool]]:
         """(block hash, True) for each block cached and (hash, False) for each evicted since the last call.
 
-        Safe to call from another thread than the one stepping the engine: the list is swapped, not copied.
+        Safe to call from another thread than the one stepping the engine: events appended meanwhile stay for
+        the next call.
         """
-        events, self.pool.events = self.pool.events, []
-        return events
+        events = self.pool.events
+        return [events.popleft() for _ in range(len(events))]
 
     # ------------------------------------------------------------------ allocation
     def allocate(self, req: Request, num_new_tokens: int, hit: PrefixHit | None = None) -> list[int] | None:

@@ -87,8 +87,10 @@ _SPECS = [
     MetricSpec("num_requests_swapped", "gauge", "Sequences swapped out to CPU memory."),
     MetricSpec("kv_cache_usage_perc", "gauge", "Fraction of the KV pool in use (0..1)."),
     MetricSpec("gpu_memory_used_bytes", "gauge", "Device memory in use on the worker's GPU (0 on a CPU worker)."),
-    MetricSpec("prefix_cache_hit_rate", "gauge", "Prefix-cache hit rate; arrives with prefix caching (issue 7), "
-               "never set before."),
+    # --- prefix cache (vLLM's vllm:prefix_cache_queries / _hits); hit rate = rate(hits) / rate(queries)
+    MetricSpec("prefix_cache_queries", "counter", "Prompt tokens looked up in the prefix cache."),
+    MetricSpec("prefix_cache_hits", "counter", "Prompt tokens found in the prefix cache (not computed again)."),
+    MetricSpec("prefix_cache_evictions", "counter", "Cached KV blocks evicted from the prefix cache for reuse."),
     # --- cost
     MetricSpec("num_gpus", "gauge", "GPUs the replica holds (and pays for)."),
     MetricSpec("gpu_price_dollars_per_hour", "gauge", "Configured price of one GPU-hour on the replica's node type.",
@@ -105,8 +107,13 @@ _SCHEDULER_SPECS = [
                "too_large (HTTP 400).", ("reason",)),
     MetricSpec("scheduler_queue_length", "gauge", "Requests waiting in the global queue for a worker (on /metrics "
                "without labels)."),
+    MetricSpec("router_decisions", "counter", "Requests routed, by reason: prefix_match (to the worker caching the "
+               "longest prefix), load_fallback (that worker was too busy), load (no worker cached any of it).",
+               ("reason",)),
 ]
 WORKER_METRICS: dict[str, MetricSpec] = {s.name: s for s in _SPECS}
+# Engine stats (``LLMEngine.stats()``, cumulative) exported under the same names as counters.
+PREFIX_CACHE_COUNTERS = ("prefix_cache_queries", "prefix_cache_hits", "prefix_cache_evictions")
 SCHEDULER_METRICS: dict[str, MetricSpec] = {s.name: s for s in _SCHEDULER_SPECS}
 METRICS: dict[str, MetricSpec] = {**WORKER_METRICS, **SCHEDULER_METRICS}
 
@@ -349,11 +356,13 @@ class ServingMetrics:
             if key in stats:
                 self.m[name].record(stats[key], labels)
         counters = {"num_preemptions": stats.get("preemptions_recompute", 0) + stats.get("preemptions_swap", 0),
-                    "num_swap_out": stats.get("swap_out", 0), "num_swap_in": stats.get("swap_in", 0)}
+                    "num_swap_out": stats.get("swap_out", 0), "num_swap_in": stats.get("swap_in", 0),
+                    **{name: stats[name] for name in PREFIX_CACHE_COUNTERS if name in stats}}
         for name, total in counters.items():
             delta = total - self._engine_counters.get(name, 0)
             self._engine_counters[name] = total
-            self.m[name].record(delta, labels)
+            if delta > 0:  # a counter never goes back (an engine without prefix caching reports none of those)
+                self.m[name].record(delta, labels)
 
     def num_tracked(self) -> int:
         return len(self._reqs)

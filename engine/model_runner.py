@@ -2,7 +2,8 @@
 
 It keeps its own per-request state (token ids, a row of the block table), so that the scheduler only sends
 what changed. Step inputs are built with numpy over whole arrays (no per-token Python loop) into pinned
-buffers; on a GPU, decode-only steps replay a CUDA graph captured for the next batch-size bucket.
+buffers; on a GPU, decode-only steps replay a CUDA graph captured for the next batch-size bucket (a cascade graph
+when the step's sequences share a prefix).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from engine.attention import AttentionMetadata, get_attention_backend
+from engine.attention import AttentionMetadata, find_shared_prefixes, get_attention_backend
 from engine.config import EngineConfig
 from engine.cuda_graphs import DecodeGraphs
 from engine.kv_manager import cdiv
@@ -24,6 +25,15 @@ from engine.sampler import Sampler, SamplingRow, token_logprobs
 from engine.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
+
+# Cascade attention (docs/shared-prefix-attention.md) for decode steps where at least CASCADE_MIN_GROUP sequences
+# share at least CASCADE_MIN_PREFIX_TOKENS leading tokens. Below 8 sequences the prefix pass's 16-row MMA tiles are
+# mostly padding and the saving (7 of 8 reads of the prefix) does not pay for two extra launches and the fp32
+# partials; below 256 shared tokens (16 blocks) the prefix is a small part of each context, so the step would
+# save little, and it may have to pad up to a coarser graph bucket (engine/cuda_graphs.py). Starting points, to
+# be tuned on the GPU.
+CASCADE_MIN_GROUP = 8
+CASCADE_MIN_PREFIX_TOKENS = 256
 
 
 @dataclass
@@ -116,12 +126,19 @@ class ModelRunner:
             self.num_blocks, self.block_size, self.num_blocks * self.block_size,
             self.num_blocks * self.bytes_per_block / 2**30, self.dtype, self.device, self.num_cpu_blocks,
         )
+        # Tests flip this to compare cascade and ordinary decode; the torch backend would ignore the metadata.
+        self.cascade_enabled = self.backend.name == "triton"
+        self.cascade_steps = 0  # decode steps that ran cascade attention
+        self.cascade_graph_steps = 0  # ... of which replayed a cascade CUDA graph
+        use_graphs = self.device.type == "cuda" and not config.enforce_eager and self.backend.name != "torch"
         if self.device.type == "cuda":
-            self._warm_up()
+            # With graphs, every cascade step replays one, and capturing compiles what it needs.
+            self._warm_up(eager_cascade=self.cascade_enabled and not use_graphs)
         self.graphs = None
-        if self.device.type == "cuda" and not config.enforce_eager and self.backend.name != "torch":
+        if use_graphs:
             self.graphs = DecodeGraphs(self.model, self.kv_caches, config.max_num_seqs, self.max_blocks_per_seq,
-                                       self.max_model_len, self.device)
+                                       self.max_model_len, self.device,
+                                       cascade_min_rows=CASCADE_MIN_GROUP if self.cascade_enabled else None)
 
     # ------------------------------------------------------------------ memory
     def _profile_num_blocks(self) -> int:
@@ -149,13 +166,17 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _dummy_forward(self, query_lens: list[int], context_lens: list[int], kv_caches: list[torch.Tensor],
-                       num_sampled: int) -> None:
+                       num_sampled: int, shared_blocks: int = 0,
+                       cascade_splits: tuple[int, int] | None = None) -> None:
         """One forward pass of made-up sequences: sequence i has ``context_lens[i]`` tokens already cached and
-        ``query_lens[i]`` new ones. Its blocks are the pool's first ones, in order (the pool is empty here)."""
+        ``query_lens[i]`` new ones. Its blocks are the pool's first ones, in order (the pool is empty here), except
+        that with ``shared_blocks`` all sequences share their first blocks (a decode step then runs cascade
+        attention, with ``cascade_splits`` = (prefix, suffix) split counts if given)."""
         m, bs, dev = self.model, self.block_size, self.device
         seq_lens = np.array(query_lens) + np.array(context_lens)
         blocks_per_seq = cdiv(int(seq_lens.max()), bs)
         tables = np.arange(len(query_lens) * blocks_per_seq, dtype=np.int32).reshape(len(query_lens), -1)
+        tables[:, :shared_blocks] = np.arange(shared_blocks, dtype=np.int32)
         positions = np.concatenate([np.arange(c, c + q) for q, c in zip(query_lens, context_lens)])
         seq_of = np.repeat(np.arange(len(query_lens)), query_lens)
         slots = tables[seq_of, positions // bs].astype(np.int64) * bs + positions % bs
@@ -165,6 +186,13 @@ class ModelRunner:
             torch.tensor(seq_lens, dtype=torch.int32, device=dev), torch.from_numpy(tables).to(dev),
             max(query_lens), int(seq_lens.max()),
         )
+        if shared_blocks:
+            cascade = find_shared_prefixes(tables, seq_lens, bs, CASCADE_MIN_GROUP, CASCADE_MIN_PREFIX_TOKENS)
+            assert cascade is not None, "the warm-up's shared blocks do not make a cascade step"
+            meta.cascade = cascade.to_device(
+                lambda a, dtype, name="": torch.from_numpy(np.ascontiguousarray(a)).to(dev, dtype))
+            if cascade_splits is not None:
+                meta.cascade.prefix_splits, meta.cascade.num_splits = cascade_splits
         ids = torch.randint(0, m.vocab_size, (len(positions),), device=dev)
         hidden = m(ids, torch.from_numpy(positions).to(dev), kv_caches, meta)
         logits = m.compute_logits(hidden[:num_sampled]).float()
@@ -183,23 +211,36 @@ class ModelRunner:
         del scratch
         torch.cuda.synchronize(self.device)
 
-    def _warm_up(self) -> None:
+    def _warm_up(self, eager_cascade: bool) -> None:
         """Compile the Triton kernels' variants before the first request, so that no request waits for a compile.
 
-        Triton specialises a kernel per tile height (from the longest query: 1, 16, 32 or 64 rows) and per integer
-        argument being 1, a multiple of 16, or neither (the number of sequences and of tokens). A cold W1 run that
-        compiled them while timed measured 10,093 output tok/s, a warm one 12,736.
+        Triton compiles a kernel per tile height (from the longest query: 1, 16, 32 or 64 rows), split count and
+        dtype, and per integer argument it specialises being 1, a multiple of 16, or neither (the attention kernels
+        leave the batch's counts unspecialised; the batch sizes below cover the other kernels). A cold W1 run
+        that compiled them while timed measured 10,093 output tok/s, a warm one 12,736. ``eager_cascade``: cascade
+        steps will run eagerly (no graphs), so compile each of their variants too
+        (``kernels.cascade_attention.warm_up_variants``).
         """
         start = time.perf_counter()
         shapes = [([q] * n, [0] * n) for q in (9, 16, 20, 48, 100) for n in (1, 2, 16, 17)]  # prefill
         shapes += [([1] * n, [c] * n) for n in (1, 2, 3, 16, 17, 32) for c in (40, 600)]  # decode, split-K or not
         shapes += [([31] + [1] * (n - 1), [0] + [50] * (n - 1)) for n in (2, 16, 17)]  # prefill beside decodes
+        shapes = [(q, c, 0, None) for q, c in shapes]
+        if eager_cascade:
+            from kernels.cascade_attention import warm_up_variants
+
+            # Every sequence behind one prefix of CASCADE_MIN_PREFIX_TOKENS, with a few tokens of its own.
+            shared = cdiv(CASCADE_MIN_PREFIX_TOKENS, self.block_size)
+            variants = warm_up_variants(self.model.num_heads, CASCADE_MIN_GROUP, self.config.max_num_seqs,
+                                        self.max_model_len, self.dtype, self.device)
+            shapes += [([1] * rows, [shared * self.block_size + 40] * rows, shared, (prefix_splits, num_splits))
+                       for rows, prefix_splits, num_splits in variants]
         ran = 0
-        for query_lens, context_lens in shapes:
+        for query_lens, context_lens, shared_blocks, splits in shapes:
             longest = max(q + c for q, c in zip(query_lens, context_lens))
             if longest > self.max_model_len or cdiv(longest, self.block_size) * len(query_lens) > self.num_blocks:
                 continue
-            self._dummy_forward(query_lens, context_lens, self.kv_caches, len(query_lens))
+            self._dummy_forward(query_lens, context_lens, self.kv_caches, len(query_lens), shared_blocks, splits)
             ran += 1
         torch.cuda.synchronize(self.device)
         log.info("kernel warm-up: %d step shapes in %.1f s", ran, time.perf_counter() - start)
@@ -279,15 +320,20 @@ class ModelRunner:
             st.num_computed_tokens = c + n
 
         width = cdiv(int(seq_lens.max()), bs)
+        tables = self.block_table[rows, :width]
+        cascade = None
+        if decode_only and self.cascade_enabled:
+            cascade = find_shared_prefixes(tables, seq_lens, bs, CASCADE_MIN_GROUP, CASCADE_MIN_PREFIX_TOKENS)
         self._staging.begin()
         to_dev = self._staging.to_device
         meta = AttentionMetadata(
             slot_mapping=to_dev(slots, torch.int64, "slots"),
             query_start_loc=to_dev(starts, torch.int32, "starts"),
             seq_lens=to_dev(seq_lens, torch.int32, "seq_lens"),
-            block_tables=to_dev(self.block_table[rows, :width], torch.int32, "tables"),
+            block_tables=to_dev(tables, torch.int32, "tables"),
             max_query_len=int(counts.max()),
             max_seq_len=int(seq_lens.max()),
+            cascade=cascade.to_device(to_dev) if cascade is not None else None,
         )
         inputs = StepInputs(
             input_ids=to_dev(np.asarray(ids, dtype=np.int64), torch.int64, "ids"),
@@ -310,7 +356,10 @@ class ModelRunner:
 
         out = ModelRunnerOutput(sampled_token_ids={})
         num_seqs = len(sched.num_scheduled_tokens)
-        if inputs.decode_only and self.graphs is not None and self.graphs.fits(num_seqs):
+        cascade = inputs.meta.cascade is not None
+        self.cascade_steps += cascade
+        if inputs.decode_only and self.graphs is not None and self.graphs.fits(num_seqs, cascade):
+            self.cascade_graph_steps += cascade
             logits = self.graphs.run(inputs.input_ids, inputs.positions, inputs.meta)
         else:
             hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)

@@ -16,7 +16,8 @@ a flash-attention online softmax accumulated in fp32. Two compile-time shapes of
 Split-K ("flash decoding"): with few sequences there are too few (token, head) programs to keep the GPU's memory
 system busy, so grid axis 2 cuts each context into ``num_splits`` ranges of KV tiles; each program writes its
 partial (max, sum, unnormalised acc) in fp32 and ``_merge_splits_kernel`` combines them. Scores are kept in log2
-units (``qk_scale`` folds in log2(e)) so the kernels use ``exp2``.
+units (``qk_scale`` folds in log2(e)) so the kernels use ``exp2``. Cascade attention (``cascade_attention.py``)
+reuses the decode path and the merge for the part of each context that is not shared with other sequences.
 """
 
 from __future__ import annotations
@@ -139,7 +140,12 @@ def _find_seq(qsl_ptr, num_seqs, tile, BLOCK_M: tl.constexpr):
     return lo - 1
 
 
-@triton.jit
+# Integers that change from step to step are not specialised: the batch's sequence and token counts, and the
+# block-table width (the step's longest context, in blocks). Triton would compile a variant for each of == 1, a
+# multiple of 16 and neither, in the middle of a served step whenever the warm-up had not met that case (it met no
+# table width of 16, 32, ... blocks). None of them feeds an address the compiler could vectorise (block-table
+# entries are gathered), so the common path loses nothing.
+@triton.jit(do_not_specialize=["num_seqs", "num_tokens", "stride_bt"])
 def _paged_attn_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
     part_m_ptr, part_l_ptr, part_acc_ptr,
@@ -148,8 +154,11 @@ def _paged_attn_kernel(
     stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
     stride_blk, stride_tok, stride_kh,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, WRITE_PARTIALS: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
+    # WRITE_PARTIALS: store (max, sum, acc) for a merge kernel instead of the normalised output. Split-K needs it;
+    # cascade attention (kernels/cascade_attention.py) also needs it with one split, since its merge adds the
+    # shared-prefix partial.
     head = tl.program_id(0)
     tile = tl.program_id(1)
     split = tl.program_id(2)
@@ -208,7 +217,7 @@ def _paged_attn_kernel(
         w = tl.exp2(m_vec - tl.where(m_i == float("-inf"), 0.0, m_i))
         l_i = tl.sum(l_vec * w, axis=0)
         acc = tl.sum(acc2 * w[:, None], axis=0)
-        if NUM_SPLITS == 1:
+        if not WRITE_PARTIALS:
             # l_i == 0 only for a row with no context at all (e.g. CUDA-graph padding with seq_len 0): emit zeros
             # there rather than NaN.
             out = acc / tl.where(l_i == 0.0, 1.0, l_i)
@@ -229,7 +238,7 @@ def _paged_attn_kernel(
         m_i, l_i, acc = _prefill_tiles(q, m_i, l_i, acc, q_pos, k_head_ptr, v_head_ptr, bt_row_ptr, mid, tile_hi,
                                        kv_end, qk_scale, stride_blk, stride_tok,
                                        HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION)
-        if NUM_SPLITS == 1:
+        if not WRITE_PARTIALS:
             out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
             tl.store(out_ptr + tok.to(tl.int64)[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
                      out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
@@ -241,17 +250,19 @@ def _paged_attn_kernel(
                      mask=row_ok[:, None])
 
 
-@triton.jit
+# The split count is a run-time argument (only its power-of-two ceiling shapes the code), so split-K and cascade
+# attention, whose slot counts vary with the step, share a handful of compiled variants.
+@triton.jit(do_not_specialize=["num_tokens", "num_splits"])
 def _merge_splits_kernel(
     part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr,
-    num_tokens, num_heads, stride_ot, stride_oh,
-    HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_POW2: tl.constexpr,
+    num_tokens, num_heads, num_splits, stride_ot, stride_oh,
+    HEAD_DIM: tl.constexpr, SPLITS_POW2: tl.constexpr,
 ):
     head = tl.program_id(0)
     tok = tl.program_id(1)
     offs_s = tl.arange(0, SPLITS_POW2)
     offs_d = tl.arange(0, HEAD_DIM)
-    s_ok = offs_s < NUM_SPLITS
+    s_ok = offs_s < num_splits
     part = (offs_s * num_tokens + tok) * num_heads + head
     m = tl.load(part_m_ptr + part, mask=s_ok, other=float("-inf"))
     l = tl.load(part_l_ptr + part, mask=s_ok, other=0.0)
@@ -342,7 +353,7 @@ def paged_attention(
         part_l = torch.empty_like(part_m)
         part_acc = torch.empty((num_splits, num_tokens, num_heads, head_dim), dtype=torch.float32, device=q.device)
     else:
-        part_m = part_l = part_acc = out  # unused: the NUM_SPLITS == 1 specialisation never touches them
+        part_m = part_l = part_acc = out  # unused: the WRITE_PARTIALS=False specialisation never touches them
 
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     _paged_attn_kernel[(num_heads, num_tiles, num_splits)](
@@ -353,14 +364,15 @@ def paged_attention(
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=cfg["block_n"],
-        NUM_SPLITS=num_splits, DOT_PRECISION="ieee" if kv_cache.dtype == torch.float32 else "tf32",
+        NUM_SPLITS=num_splits, WRITE_PARTIALS=num_splits > 1,
+        DOT_PRECISION="ieee" if kv_cache.dtype == torch.float32 else "tf32",
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if num_splits > 1:
         _merge_splits_kernel[(num_heads, num_tokens)](
             part_m, part_l, part_acc, out,
-            num_tokens, num_heads, out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, NUM_SPLITS=num_splits, SPLITS_POW2=triton.next_power_of_2(num_splits),
+            num_tokens, num_heads, num_splits, out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, SPLITS_POW2=triton.next_power_of_2(num_splits),
             num_warps=1 if head_dim <= 64 else 2,
         )
     return out

@@ -48,17 +48,18 @@ class Service:
     base_url: str  # where the tests send requests: the proxy, or the ingress replica itself
     proxy_url: str  # Serve's HTTP proxy (every application, by route prefix)
     engine: Any  # EngineConfig of the workers, for offline reference runs
+    app: str = APP_NAME  # the Serve application (another one than the session's: test_prefix_routing.py)
 
     def scheduler_snapshot(self) -> dict:
         from ray import serve
 
-        return serve.get_deployment_handle("Scheduler", app_name=APP_NAME).snapshot.remote().result()
+        return serve.get_deployment_handle("Scheduler", app_name=self.app).snapshot.remote().result()
 
     def worker_stats(self) -> dict[str, dict]:
         """Every routed worker's own stats, asked of that replica (pinned call)."""
         from ray import serve
 
-        handle = serve.get_deployment_handle("ModelWorker", app_name=APP_NAME)
+        handle = serve.get_deployment_handle("ModelWorker", app_name=self.app)
         return {wid: handle.stats.remote(replica=wid).result(timeout_s=30)
                 for wid in self.scheduler_snapshot()["workers"]}
 

@@ -215,7 +215,7 @@ def test_heartbeats_keep_workers_alive_and_expire_lost_leases():
 
 def test_affinity_hook_outranks_load_within_the_imbalance_limit():
     class PrefixAffinity(LeastLoadedPolicy):
-        def affinity(self, req, worker):
+        def affinity(self, req, worker, now):
             return int(worker.worker_id == "cached")
 
     d = make(routing=PrefixAffinity(max_imbalance_tokens=100))

@@ -259,3 +259,41 @@ def test_close_of_an_unfinished_request_aborts_it_on_its_worker():
         assert worker.aborted == [rid] and scheduler.released == [(rid, False)]
 
     asyncio.run(go())
+
+
+def test_a_cancel_that_comes_after_the_admission_still_gives_the_reservation_back():
+    """The client leaves while the scheduler's answer is on its way: cancelling ``admit`` undoes nothing there, so
+    the answer, once it arrives, is released (else the reservation would be held until its lease expired)."""
+
+    class LateAnswer:
+        def __init__(self):
+            self.answered = asyncio.Event()
+            self.cancelled = False
+
+        def __await__(self):
+            return self._wait().__await__()
+
+        async def _wait(self):
+            await self.answered.wait()
+            return Admission("w1")
+
+        def cancel(self):
+            self.cancelled = True  # too late: the scheduler has admitted it already
+
+    async def go():
+        scheduler = FakeScheduler([])
+        call = LateAnswer()
+        scheduler.admit = Method(lambda req: call)
+        streams = Streams(scheduler, FakeWorker(), max_model_len=64)
+        start = asyncio.create_task(streams.start_all("r", [[1, 2]], params(), 0))
+        await settle()
+        start.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await start
+        assert call.cancelled and scheduler.released == []
+        call.answered.set()
+        await settle()
+        (released,) = scheduler.released
+        assert released[0].startswith("r-") and released[1] is False
+
+    asyncio.run(go())

@@ -203,6 +203,33 @@ def locust_smoke(stack) -> LocustRun:
 
 
 @dataclass
+class PrefixReuse:
+    prompt_tokens: int  # of all the requests together
+    shared_tokens: int  # of each request after the first: its prefix, which the first one left cached
+    requests: int
+    before: list
+    after: list
+
+
+@pytest.fixture(scope="session")
+def prefix_reuse(stack) -> PrefixReuse:
+    """Requests sharing a 3-block prefix, one after another: the first computes it, the others find it in the
+    cache of the replica that the prefix-aware router sends them to (Locust's random prompts never share one)."""
+    import httpx
+
+    before = wait_idle(stack.url)
+    prefix = list(range(300, 348))  # 48 tokens: 3 full blocks, in no other test's prompts
+    prompts = [prefix + [i, i + 1, i + 2] for i in range(4)]
+    with httpx.Client(base_url=stack.url, timeout=60) as client:
+        for prompt in prompts:
+            r = client.post("/v1/completions", json={"model": stack.model, "prompt": prompt, "max_tokens": 4,
+                                                     "ignore_eos": True, "temperature": 0})
+            assert r.status_code == 200, r.text
+    after = wait_idle(stack.url)
+    return PrefixReuse(sum(map(len, prompts)), len(prefix), len(prompts), before, after)
+
+
+@dataclass
 class ErrorPaths:
     rejected: int  # HTTP 429 responses seen by the client
     dropped: int  # streams the client closed after their first event

@@ -77,6 +77,10 @@ def test_counters_and_histograms_match_what_clients_received(stack):
     assert delta("request_success_total") == n
     assert delta("request_aborted_total") == 0
     assert delta("step_time_seconds_count") > 0
+    # One routing decision per admission (a prompt re-admitted after its worker refused it counts again).
+    assert delta("router_decisions_total") == delta("scheduler_admitted") >= n
+    assert 0 <= delta("prefix_cache_hits_total") <= delta("prefix_cache_queries_total")
+    assert delta("prefix_cache_queries_total") >= delta("prompt_tokens_total")  # a preempted prompt is looked up again
 
     # Cost: each replica's dollars are its GPU-seconds at the price, and GPU-seconds follow wall time (1 GPU).
     gpu_s, dollars = by_replica(after, "gpt2serve:gpu_seconds_total"), by_replica(after, "gpt2serve:cost_dollars_total")
@@ -89,12 +93,30 @@ def test_counters_and_histograms_match_what_clients_received(stack):
     assert 0 < delta("request_cost_dollars_sum") <= delta("cost_dollars_total")
 
 
+def test_prefix_cache_counters_add_up(stack, prefix_reuse):
+    """Requests sharing a prefix, one after another: every prompt token is looked up once, and every request after
+    the first finds the whole prefix cached, on the replica the router sent the first one to."""
+    before, after = prefix_reuse.before, prefix_reuse.after
+
+    def delta(name, **labels):
+        return total(after, f"gpt2serve:{name}", **labels) - total(before, f"gpt2serve:{name}", **labels)
+
+    assert delta("prefix_cache_queries_total") == prefix_reuse.prompt_tokens
+    assert delta("prefix_cache_hits_total") == (prefix_reuse.requests - 1) * prefix_reuse.shared_tokens
+    hits = {r: v - by_replica(before, "gpt2serve:prefix_cache_hits_total").get(r, 0)
+            for r, v in by_replica(after, "gpt2serve:prefix_cache_hits_total").items()}
+    assert sorted(hits.values())[-1] == delta("prefix_cache_hits_total")  # all on one replica
+    assert delta("router_decisions_total", reason="prefix_match") == prefix_reuse.requests - 1
+    assert delta("router_decisions_total") == delta("scheduler_admitted") >= prefix_reuse.requests
+
+
 def test_ray_metrics_endpoint_agrees(stack):
     """The same counters reach Ray's metrics endpoint (ray_gpt2serve_*), a report interval later."""
     samples = wait_idle(stack.url)
     expected = {name: total(samples, f"gpt2serve:{name}") for name in (
         "generation_tokens_total", "prompt_tokens_total", "time_to_first_token_seconds_count",
-        "e2e_request_latency_seconds_count", "request_success_total", "request_rejected_total")}
+        "e2e_request_latency_seconds_count", "request_success_total", "request_rejected_total",
+        "prefix_cache_queries_total", "router_decisions_total")}
 
     def agree():
         ray = scrape(stack.ray_metrics_url)

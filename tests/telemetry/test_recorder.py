@@ -190,3 +190,15 @@ def test_families_from_two_replicas_merge_into_one_exposition():
     assert text.count("# TYPE gpt2serve:num_requests_running gauge") == 1
     fam = {f.name: f for f in text_string_to_metric_families(text)}["gpt2serve:num_requests_running"]
     assert sorted(s.labels["replica"] for s in fam.samples) == ["a", "b"]
+
+
+def test_prefix_cache_counters_follow_the_engine_stats():
+    """The engine's cumulative prefix-cache stats become counters (incremented by the difference at each tick)."""
+    backend = PrometheusBackend()
+    rec = ServingMetrics(backend, "tiny", "r0", Cost(), clock=FakeClock())
+    rec.tick({"prefix_cache_queries": 100, "prefix_cache_hits": 48, "prefix_cache_evictions": 0})
+    rec.tick({"prefix_cache_queries": 250, "prefix_cache_hits": 80, "prefix_cache_evictions": 3})
+    rec.tick({})  # an engine without prefix caching reports none: nothing moves backwards
+    assert value(backend, "prefix_cache_queries_total") == 250
+    assert value(backend, "prefix_cache_hits_total") == 80
+    assert value(backend, "prefix_cache_evictions_total") == 3
