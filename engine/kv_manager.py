@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
-from engine.prefix_cache import ROOT_HASH, block_hashes, extra_keys_bytes
+from engine.prefix_cache import ROOT_HASH, block_hashes, extra_keys_bytes, token_bytes
 from engine.request import Request
 
 
@@ -27,7 +27,7 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-BlockKey = tuple[int, tuple[int, ...], bytes]  # (parent hash, token ids, extra keys): what a hit must match
+BlockKey = tuple[int, bytes, bytes]  # (parent hash, token ids as bytes, extra keys): what a hit must match
 
 
 class BlockPool:
@@ -144,12 +144,14 @@ class KVCacheManager:
             req.block_hashes = block_hashes(tokens, self.block_size, req.cache_extra_keys, known=req.block_hashes)
         return req.block_hashes
 
-    def _key(self, req: Request, i: int) -> BlockKey:
+    def _keys(self, req: Request, first: int, end: int) -> list[BlockKey]:
+        """The collision-guard keys of ``req``'s blocks ``first .. end - 1`` (their hashes must be known)."""
         bs = self.block_size
-        parent = req.block_hashes[i - 1] if i else ROOT_HASH
-        tokens = req.prompt_token_ids[i * bs:(i + 1) * bs] if (i + 1) * bs <= req.num_prompt_tokens \
-            else req.all_token_ids[i * bs:(i + 1) * bs]
-        return parent, tuple(tokens), extra_keys_bytes(req.cache_extra_keys)
+        tokens = req.prompt_token_ids if end * bs <= req.num_prompt_tokens else req.all_token_ids
+        data, step = token_bytes(tokens[first * bs:end * bs]), 8 * bs
+        extra = extra_keys_bytes(req.cache_extra_keys)
+        parents = [ROOT_HASH] + req.block_hashes[:end - 1] if first == 0 else req.block_hashes[first - 1:end - 1]
+        return [(parents[j], data[j * step:(j + 1) * step], extra) for j in range(end - first)]
 
     def match_prefix(self, req: Request, max_blocks: int | None = None) -> PrefixHit:
         """The longest run of ``req``'s leading full blocks that is cached. Looks only; changes nothing.
@@ -162,9 +164,13 @@ class KVCacheManager:
             return PrefixHit()
         limit = req.num_tokens // self.block_size if max_blocks is None else max_blocks
         hashes = self._hashes(req, limit)
+        cached = self.pool.cached
+        run = 0
+        while run < limit and hashes[run] in cached:  # dict probes first; keys only for what may be a hit
+            run += 1
         blocks = []
-        for i in range(limit):
-            b = self.pool.lookup(hashes[i], self._key(req, i))
+        for h, key in zip(hashes[:run], self._keys(req, 0, run) if run else ()):
+            b = self.pool.lookup(h, key)
             if b is None:
                 break
             blocks.append(b)
@@ -180,8 +186,8 @@ class KVCacheManager:
         if full <= done:
             return
         hashes = self._hashes(req, full)
-        for i in range(done, full):
-            self.pool.cache(table[i], hashes[i], self._key(req, i))
+        for i, key in zip(range(done, full), self._keys(req, done, full)):
+            self.pool.cache(table[i], hashes[i], key)
         self._num_registered[req.request_id] = full
 
     def drain_cache_events(self) -> list[tuple[int, bool]]:

@@ -22,10 +22,15 @@ def extra_keys_bytes(extra_keys: tuple) -> bytes:
     return repr(extra_keys).encode() if extra_keys else b""
 
 
-def hash_block(parent: int, tokens: Sequence[int], extra: bytes = b"") -> int:
-    """The chained hash of one full block: (parent hash, token ids, extra keys) → unsigned 64-bit int."""
+def token_bytes(token_ids: Sequence[int]) -> bytes:
+    """Token ids as the bytes that hashes and collision checks read (8 per token); convert once, slice per block."""
+    return array("q", token_ids).tobytes()
+
+
+def hash_block(parent: int, block: bytes, extra: bytes = b"") -> int:
+    """The chained hash of one full block: (parent hash, its tokens' bytes, extra keys) → unsigned 64-bit int."""
     h = hashlib.blake2b(parent.to_bytes(8, "little"), digest_size=8)
-    h.update(array("q", tokens).tobytes())
+    h.update(block)
     if extra:
         h.update(extra)
     return int.from_bytes(h.digest(), "little")
@@ -37,7 +42,12 @@ def block_hashes(token_ids: Sequence[int], block_size: int, extra_keys: tuple = 
     hashes = list(known) if known else []
     extra = extra_keys_bytes(extra_keys)
     parent = hashes[-1] if hashes else ROOT_HASH
-    for i in range(len(hashes), len(token_ids) // block_size):
-        parent = hash_block(parent, token_ids[i * block_size:(i + 1) * block_size], extra)
+    first, end = len(hashes), len(token_ids) // block_size
+    if end <= first:
+        return hashes
+    data = token_bytes(token_ids[first * block_size:end * block_size])
+    step = 8 * block_size
+    for off in range(0, len(data), step):
+        parent = hash_block(parent, data[off:off + step], extra)
         hashes.append(parent)
     return hashes
