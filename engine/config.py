@@ -9,6 +9,20 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 
+class SpeculativeConfig(BaseModel):
+    """Speculative decoding (docs/speculative-decoding.md): a proposer guesses k tokens, the target verifies them."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    method: Literal["ngram", "draft_model"] = Field(..., description="ngram: prompt lookup; draft_model: a small GPT-2.")
+    num_speculative_tokens: int = Field(4, ge=1, le=16, description="k: tokens proposed per request per step.")
+    prompt_lookup_min: int = Field(1, ge=1, description="ngram: shortest suffix to look up.")
+    prompt_lookup_max: int = Field(4, ge=1, description="ngram: longest suffix to look up (tried first).")
+    draft_model: str | None = Field(None, description="draft_model: a local directory or hub id (gpt2 for gpt2-xl).")
+    draft_load_format: Literal["auto", "safetensors", "pt", "dummy"] = Field("auto")
+    draft_kv_cache_gib: float = Field(2.0, gt=0, description="draft_model: memory for the draft's own KV pool.")
+
+
 class EngineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
@@ -50,6 +64,9 @@ class EngineConfig(BaseModel):
     preemption_policy: str = Field("recompute", description="What preemption does to a victim: recompute, swap.")
     swap_policy: str = Field("watermark", description="When swapped requests come back: watermark, eager.")
     swap_policy_args: dict[str, Any] = Field(default_factory=dict)
+
+    # --- speculative decoding ---
+    speculative: SpeculativeConfig | None = Field(None, description="Off when absent.")
 
     # --- execution ---
     attention_backend: Literal["auto", "torch", "triton"] = Field("auto")

@@ -254,6 +254,16 @@ class KVCacheManager:
         table.extend(appended)
         return appended
 
+    def trim(self, req: Request) -> None:
+        """Free the tail blocks past ``req``'s computed tokens: after a verify step, those held only rejected
+        proposals (their K/V are garbage; the next step allocates again what it needs)."""
+        table = self.tables.get(req.request_id)
+        keep = self.blocks_for(req.num_computed_tokens)
+        if table is not None and len(table) > keep:
+            self.pool.release(table[keep:])
+            del table[keep:]
+            self._rewritten.add(req.request_id)  # the runner's copy of the table must be replaced, not appended to
+
     def take_rewritten(self, req: Request) -> bool:
         """Whether copy-on-write replaced entries of ``req``'s table since the last call (not only appended)."""
         if req.request_id in self._rewritten:

@@ -23,6 +23,8 @@ from engine.loader import load_model, resolve_device, resolve_dtype
 from engine.outputs import ModelRunnerOutput, SchedulerOutput
 from engine.sampler import Sampler, SamplingRow, token_logprobs
 from engine.sampling_params import SamplingParams
+from engine.spec_decode.proposer import ProposalRequest, build_proposer
+from engine.spec_decode.rejection import greedy_accept, rejection_sample
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,9 @@ class StepInputs:
     sample_ids: list[str]
     prompt_logprobs: list[tuple[str, int, int, int]]  # (request, first row, first position, count)
     decode_only: bool
+    # Speculative decoding: requests verifying proposals, and their rows (last token + each proposal), in order.
+    spec_ids: list[str]
+    spec_rows: np.ndarray
 
 
 class HostStaging:
@@ -105,6 +110,10 @@ class ModelRunner:
         self.max_blocks_per_seq = cdiv(self.max_model_len, self.block_size)
         m = self.model
         self.bytes_per_block = 2 * m.num_layers * self.block_size * m.num_heads * m.head_dim * self.dtype.itemsize
+        # A draft model's weights and pool come first, so that the target's pool is sized from what they leave.
+        self.proposer = build_proposer(config, self.device, self.dtype, self.backend)
+        self.num_spec_tokens = config.speculative.num_speculative_tokens if config.speculative else 0
+        self._draft_probs: dict[str, torch.Tensor] = {}  # the proposer's q for each request's pending proposals
         self.num_blocks = config.num_gpu_blocks or self._profile_num_blocks()
         self.kv_cache = torch.zeros(
             (m.num_layers, 2, self.num_blocks, self.block_size, m.num_heads, m.head_dim),
@@ -270,6 +279,10 @@ class ModelRunner:
         st.num_blocks = start + len(block_ids)
 
     def _update_states(self, sched: SchedulerOutput) -> None:
+        if self.proposer is not None and sched.finished_req_ids:
+            self.proposer.drop(sched.finished_req_ids)
+            for req_id in sched.finished_req_ids:
+                self._draft_probs.pop(req_id, None)
         for req_id in sched.finished_req_ids:
             st = self.requests.pop(req_id, None)
             if st is not None:
@@ -297,21 +310,31 @@ class ModelRunner:
         starts = np.zeros(len(req_ids) + 1, dtype=np.int64)
         np.cumsum(counts, out=starts[1:])
         seq_lens = computed + counts
-        caught_up = seq_lens == np.fromiter((len(st.token_ids) for st in states), dtype=np.int64, count=len(states))
+        spec = sched.scheduled_spec_tokens
+        num_spec = np.fromiter((len(spec.get(r, ())) for r in req_ids), dtype=np.int64, count=len(req_ids)) \
+            if spec else np.zeros(len(req_ids), dtype=np.int64)
+        known = np.fromiter((len(st.token_ids) for st in states), dtype=np.int64, count=len(states))
+        caught_up = seq_lens == known + num_spec
         decode_only = bool((counts == 1).all() and caught_up.all())
         if decode_only:  # the common case: one token each, the last one
             ids = [st.token_ids[-1] for st in states]
             positions = computed
             token_rows = rows
         else:
-            ids = [t for st, c, n in zip(states, computed, counts) for t in st.token_ids[c:c + n]]
+            # A verifying request's input is its last token followed by its proposals.
+            ids = [t for r, st, c, n in zip(req_ids, states, computed, counts)
+                   for t in (st.token_ids[c:] + spec[r] if r in spec else st.token_ids[c:c + n])]
             seq_of = np.repeat(np.arange(len(req_ids)), counts)
             positions = computed[seq_of] + np.arange(starts[-1]) - starts[seq_of]
             token_rows = rows[seq_of]
         bs = self.block_size
         slots = self.block_table[token_rows, positions // bs].astype(np.int64) * bs + positions % bs
 
-        sample_idx = np.nonzero(caught_up)[0]
+        sample_idx = np.nonzero(caught_up & (num_spec == 0))[0]
+        spec_idx = np.nonzero(num_spec)[0]
+        # Row j of a verifying request is the position after its j-th proposal (j = 0: after its last token).
+        spec_rows = np.concatenate([np.arange(starts[i + 1] - 1 - num_spec[i], starts[i + 1]) for i in spec_idx]) \
+            if len(spec_idx) else np.zeros(0, dtype=np.int64)
         prompt_lp = []
         for i, st in enumerate(states):
             c, n = int(computed[i]), int(counts[i])
@@ -340,6 +363,7 @@ class ModelRunner:
             positions=to_dev(np.asarray(positions, dtype=np.int64), torch.int64, "positions"),
             meta=meta, sample_rows=starts[1:][sample_idx] - 1, sample_ids=[req_ids[i] for i in sample_idx],
             prompt_logprobs=prompt_lp, decode_only=decode_only,
+            spec_ids=[req_ids[i] for i in spec_idx], spec_rows=spec_rows,
         )
         self._staging.end()
         return inputs
@@ -366,9 +390,12 @@ class ModelRunner:
             for req_id, row, pos, count in inputs.prompt_logprobs:
                 out.prompt_logprobs[req_id] = self._prompt_logprobs(self.requests[req_id], hidden[row:row + count], pos)
             logits = None
-            if len(inputs.sample_ids):
-                rows = torch.from_numpy(inputs.sample_rows).to(self.device)
+            if len(inputs.sample_ids) or len(inputs.spec_ids):
+                rows = torch.from_numpy(np.concatenate([inputs.sample_rows, inputs.spec_rows])).to(self.device)
                 logits = self.model.compute_logits(hidden[rows])
+                if len(inputs.spec_ids):
+                    self._verify(logits[len(inputs.sample_ids):], inputs.spec_ids, sched.scheduled_spec_tokens, out)
+                    logits = logits[:len(inputs.sample_ids)] if len(inputs.sample_ids) else None
         t2 = time.perf_counter()
 
         if logits is not None:
@@ -382,6 +409,8 @@ class ModelRunner:
                 out.sampled_token_ids[req_id] = [token]
                 if lp is not None:
                     out.logprobs[req_id] = [lp]
+        if self.proposer is not None and out.sampled_token_ids:
+            self._propose(out)
         t3 = time.perf_counter()
         tm = self.timing
         tm["steps"] += 1
@@ -389,6 +418,64 @@ class ModelRunner:
         tm["forward_s"] += t2 - t1  # launch time: the GPU runs on asynchronously until sampling reads tokens
         tm["sample_s"] += t3 - t2
         return out
+
+    # ------------------------------------------------------------------ speculative decoding
+    def _verify(self, logits: torch.Tensor, req_ids: list[str], spec: dict[str, list[int]],
+                out: ModelRunnerOutput) -> None:
+        """Accept or reject each verifying request's proposals (``logits``: its rows, last token first)."""
+        nums = [len(spec[r]) for r in req_ids]
+        k, batch, vocab = max(nums), len(req_ids), logits.shape[1]
+        offsets = np.concatenate([[0], np.cumsum(np.asarray(nums) + 1)[:-1]])
+        # [B, k + 1] row indices, padded by repeating each request's last row (padding is never read).
+        index = offsets[:, None] + np.minimum(np.arange(k + 1)[None, :], np.asarray(nums)[:, None])
+        target = logits[torch.from_numpy(index).to(self.device)]
+        drafts = torch.tensor([spec[r] + [0] * (k - len(spec[r])) for r in req_ids], device=self.device)
+        num_drafts = torch.tensor(nums, device=self.device)
+        states = [self.requests[r] for r in req_ids]
+        if all(st.params.greedy for st in states):
+            tokens, emitted = greedy_accept(drafts, num_drafts, target.argmax(dim=-1))
+        else:
+            # Row (b, j) samples output position len(outputs) + j: its seeds follow that position.
+            rows = [SamplingRow(st.params, st.token_ids + spec[r][:j], st.num_prompt_tokens, st.sample_index)
+                    for r, st in zip(req_ids, states) for j in range(k + 1)]
+            probs = self.sampler.probs(target.reshape(batch * (k + 1), vocab), rows).reshape(batch, k + 1, vocab)
+            noise = self.sampler.exponential_noise(rows, vocab).reshape(batch, k + 1, vocab)
+            uniforms = self.sampler.uniforms(rows).reshape(batch, k + 1)[:, :k]
+            draft_probs = None
+            if any(r in self._draft_probs for r in req_ids):
+                # Deterministic proposals are one-hot distributions.
+                draft_probs = torch.zeros(batch, k, vocab, device=self.device)
+                draft_probs.scatter_(2, drafts[:, :, None], 1.0)
+                for b, r in enumerate(req_ids):
+                    q = self._draft_probs.get(r)
+                    if q is not None:
+                        draft_probs[b, :nums[b]] = q[:nums[b]]
+            greedy = torch.tensor([st.params.greedy for st in states], device=self.device)
+            tokens, emitted = rejection_sample(drafts, num_drafts, probs, draft_probs, greedy, uniforms, noise)
+        for r, st, row, n in zip(req_ids, states, tokens.tolist(), emitted.tolist()):
+            st.token_ids.extend(row[:n])
+            out.sampled_token_ids[r] = row[:n]
+            self._draft_probs.pop(r, None)
+
+    def _propose(self, out: ModelRunnerOutput) -> None:
+        """Proposals for the next step of every request that just produced tokens and may speculate."""
+        batch = []
+        for req_id in out.sampled_token_ids:
+            st = self.requests[req_id]
+            p = st.params
+            # Penalties and logprobs would need the target's distribution re-derived per verified position.
+            if (not p.speculative or p.logprobs is not None or p.prompt_logprobs is not None
+                    or p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty):
+                continue
+            batch.append(ProposalRequest(req_id, st.token_ids, st.num_prompt_tokens, self.num_spec_tokens, p,
+                                         st.sample_index))
+        if not batch:
+            return
+        for req_id, proposal in self.proposer.propose(batch).items():
+            if proposal.token_ids:
+                out.spec_token_ids[req_id] = list(proposal.token_ids)
+                if proposal.probs is not None:
+                    self._draft_probs[req_id] = proposal.probs
 
     def _prompt_logprobs(self, st: RunnerRequestState, hidden: torch.Tensor, first_pos: int) -> list:
         """Logprob of each next prompt token for the prompt positions this step computed: (position, logprobs)."""

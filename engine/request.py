@@ -75,6 +75,7 @@ class Request:
     lora_id: str | None = None  # the adapter whose weights produce this sequence's K/V (None: the base model)
     block_hashes: list[int] = field(default_factory=list)  # chained hashes of its full blocks, filled lazily
     num_cached_tokens: int = 0  # while waiting: how many of its tokens the prefix cache holds (for lpm)
+    spec_token_ids: list[int] = field(default_factory=list)  # proposals to verify in its next step
 
     def __post_init__(self) -> None:
         self.metrics = RequestMetrics(arrival_time=self.arrival_time)

@@ -109,6 +109,34 @@ class Sampler:
         return logits
 
     def _sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p (normalising p is unnecessary).
+        probs = self.probs(logits, rows, normalise=False)
+        # A masked token has p = 0; clamping keeps 0 / 0 (NaN, which argmax would pick) out.
+        return (probs / self.exponential_noise(rows, logits.shape[1]).clamp_min(1e-20)).argmax(dim=-1)
+
+    def exponential_noise(self, rows: list[SamplingRow], vocab: int) -> torch.Tensor:
+        """Exp(1) draws, [rows, vocab]: a seeded row's depend only on (seed, sample, output position)."""
+        noise = torch.empty((len(rows), vocab), device=self.device).exponential_(generator=self.generator)
+        for i, r in enumerate(rows):
+            if r.params.seed is not None:
+                gen = torch.Generator(device=self.device).manual_seed(
+                    position_seed(r.params.seed, r.sample_index, r.num_output_tokens))
+                noise[i].exponential_(generator=gen)
+        return noise
+
+    def uniforms(self, rows: list[SamplingRow]) -> torch.Tensor:
+        """One U(0, 1) draw per row (speculative acceptance), seeded like ``exponential_noise`` but apart from it."""
+        u = torch.rand(len(rows), device=self.device, generator=self.generator)
+        for i, r in enumerate(rows):
+            if r.params.seed is not None:
+                gen = torch.Generator(device=self.device).manual_seed(
+                    position_seed(r.params.seed, r.sample_index, r.num_output_tokens) ^ 0x5BD1E995)
+                u[i] = torch.rand(1, device=self.device, generator=gen)[0]
+        return u
+
+    def probs(self, logits: torch.Tensor, rows: list[SamplingRow], normalise: bool = True) -> torch.Tensor:
+        """The distribution each row samples from: temperature, then top-k, top-p and min-p (float32)."""
+        logits = logits.float()
         batch, vocab = logits.shape
         temps = torch.tensor([max(r.params.temperature, 1e-5) for r in rows], device=self.device)
         logits = logits / temps[:, None]
@@ -131,13 +159,4 @@ class Sampler:
         min_p = torch.tensor([r.params.min_p for r in rows], device=self.device)
         if bool((min_p > 0).any()):
             probs = probs.masked_fill(probs < min_p[:, None] * probs.max(dim=-1, keepdim=True).values, 0.0)
-
-        # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p (normalising p is unnecessary).
-        noise = torch.empty_like(probs).exponential_(generator=self.generator)
-        for i, r in enumerate(rows):
-            if r.params.seed is not None:
-                gen = torch.Generator(device=self.device).manual_seed(
-                    position_seed(r.params.seed, r.sample_index, r.num_output_tokens))
-                noise[i].exponential_(generator=gen)
-        # A masked token has p = 0; clamping keeps 0 / 0 (NaN, which argmax would pick) out.
-        return (probs / noise.clamp_min(1e-20)).argmax(dim=-1)
+        return probs / probs.sum(dim=-1, keepdim=True) if normalise else probs

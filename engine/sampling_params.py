@@ -29,6 +29,7 @@ class SamplingParams:
     logprobs: int | None = None  # top-n per generated token (the chosen token's logprob is always included)
     prompt_logprobs: int | None = None
     detokenize: bool = True
+    speculative: bool = True  # False: this request decodes one token per step even when speculation is on
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

@@ -90,6 +90,7 @@ class Scheduler:
         # once none is left swapped out are waiting ones admitted.
         budget = self.config.max_num_batched_tokens
         scheduled: dict[str, int] = {}
+        spec_tokens: dict[str, list[int]] = {}
         new_blocks: dict[str, list[int]] = {}
         swap_out: list[tuple[int, int]] = []
         swap_in: list[tuple[int, int]] = []
@@ -100,10 +101,14 @@ class Scheduler:
         while idx < len(self.running) and budget > 0:
             req = self.running[idx]
             n = self._num_new_tokens(req, budget)
+            spec = self._spec_tokens(req, budget - n) if req.spec_token_ids else None
+            if spec:
+                n += len(spec)
             while (blocks := self.kv.allocate(req, n)) is None:
                 victim = self.preemption.choose_victim(self.running)
                 budget += scheduled.pop(victim.request_id, 0)
                 new_blocks.pop(victim.request_id, None)
+                spec_tokens.pop(victim.request_id, None)
                 if self.running.index(victim) < idx:
                     idx -= 1
                 swap_out += self._preempt(victim)
@@ -113,6 +118,8 @@ class Scheduler:
             else:
                 scheduled[req.request_id] = n
                 new_blocks[req.request_id] = blocks
+                if spec:
+                    spec_tokens[req.request_id] = spec
                 budget -= n
                 idx += 1
 
@@ -158,7 +165,14 @@ class Scheduler:
 
         assert budget >= 0 and sum(scheduled.values()) <= self.config.max_num_batched_tokens
         assert len(self.running) <= self.config.max_num_seqs
-        return self._build_output(scheduled, new_blocks, swap_out, swap_in)
+        return self._build_output(scheduled, new_blocks, swap_out, swap_in, spec_tokens)
+
+    def _spec_tokens(self, req: Request, room: int) -> list[int]:
+        """The proposals ``req`` verifies this step: only in decode (one token left to compute), within the step's
+        budget, and never more than its remaining length allows (the step emits up to one more than it verifies)."""
+        if req.num_computed_tokens != req.num_tokens - 1:
+            return []
+        return req.spec_token_ids[:max(min(room, req.max_total_tokens - req.num_tokens - 1), 0)]
 
     def _waiting_in_order(self, now: float) -> list[Request]:
         if self.policy.uses_prefix_match:
@@ -186,6 +200,7 @@ class Scheduler:
     def _preempt(self, victim: Request) -> list[tuple[int, int]]:
         """Take ``victim`` off the device pool; return the (device, cpu) copies a swap needs."""
         self.running.remove(victim)
+        victim.spec_token_ids = []
         victim.metrics.num_preemptions += 1
         self._forget(victim)
         mapping = self.kv.swap_out(victim) if self.preemption.mode == "swap" else None
@@ -202,7 +217,7 @@ class Scheduler:
         self.counters["preemptions_recompute"] += 1
         return []
 
-    def _build_output(self, scheduled, new_blocks, swap_out, swap_in) -> SchedulerOutput:
+    def _build_output(self, scheduled, new_blocks, swap_out, swap_in, spec_tokens) -> SchedulerOutput:
         new_reqs, cached_reqs = [], []
         for req_id in scheduled:
             req = self.requests[req_id]
@@ -225,7 +240,7 @@ class Scheduler:
         return SchedulerOutput(
             new_requests=new_reqs, cached_requests=cached_reqs, num_scheduled_tokens=scheduled,
             finished_req_ids=finished, blocks_to_swap_out=swap_out, blocks_to_swap_in=swap_in,
-            blocks_to_copy=copies,
+            blocks_to_copy=copies, scheduled_spec_tokens=spec_tokens,
         )
 
     def update_from_output(self, sched: SchedulerOutput, out: ModelRunnerOutput) -> list[EngineCoreOutput]:
@@ -237,13 +252,22 @@ class Scheduler:
             req = self.requests.get(req_id)
             if req is None or req.status is not RequestStatus.RUNNING:
                 continue  # aborted while the step ran
+            before = req.num_computed_tokens
+            tokens = out.sampled_token_ids.get(req_id, [])
+            spec = sched.scheduled_spec_tokens.get(req_id)
+            if spec:
+                # Verified len(spec) proposals after its last token and emitted len(tokens): the K/V of the last
+                # token and of the accepted proposals stay, those of the rejected ones are dropped (the progress
+                # counter moves back past them; trim frees the blocks they alone used).
+                num_accepted = len(tokens) - 1
+                n -= len(spec) - num_accepted
+                self._count_speculation(len(spec), num_accepted)
             req.num_computed_tokens += n
-            if caching and req.num_computed_tokens // block_size != (req.num_computed_tokens - n) // block_size:
+            if caching and req.num_computed_tokens // block_size != before // block_size:
                 self.kv.cache_full_blocks(req)  # the step filled a block (checked inline: this loop is hot)
             for pos, lp in out.prompt_logprobs.get(req_id, []):
                 if pos == len(req.prompt_logprobs):
                     req.prompt_logprobs.append(lp)
-            tokens = out.sampled_token_ids.get(req_id, [])
             logprobs = out.logprobs.get(req_id, [])
             status = None
             for i, token in enumerate(tokens):
@@ -265,12 +289,25 @@ class Scheduler:
                     self._fork_samples(req)
             if status is not None:
                 self._finish(req, status)
+            else:
+                if spec:
+                    self.kv.trim(req)
+                req.spec_token_ids = out.spec_token_ids.get(req_id, [])
             if tokens or status is not None:
                 results.append(EngineCoreOutput(
                     req_id, req.external_id, req.sample_index, tokens, logprobs[: len(tokens)] if logprobs else [],
                     status.value if status is not None else None, req.stop_reason, prompt_logprobs,
                 ))
         return results
+
+    def _count_speculation(self, num_proposed: int, num_accepted: int) -> None:
+        c = self.counters
+        c["spec_num_steps"] += 1  # verify steps, counted per request
+        c["spec_num_draft_tokens"] += num_proposed
+        c["spec_num_accepted_tokens"] += num_accepted
+        for pos in range(num_proposed):  # acceptance rate by position: accepted_at_i / proposed_at_i
+            c[f"spec_proposed_at_{pos}"] += 1
+            c[f"spec_accepted_at_{pos}"] += pos < num_accepted
 
     def _fork_samples(self, parent: Request) -> None:
         """Split the extra samples of an n > 1 request off its first sequence once the prompt is computed.

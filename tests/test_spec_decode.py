@@ -1,0 +1,106 @@
+"""Speculative decoding in the engine: exact greedy output, rollback of rejected proposals, aborts, opting out."""
+
+import random
+
+import pytest
+
+from engine import SamplingParams
+from tests.conftest import hf_greedy, run_to_completion
+
+NEW = 24
+
+
+@pytest.fixture(scope="module")
+def repetitive_prompts(hf_model):
+    """Prompts that repeat phrases, so that prompt lookup finds something to propose, and their HF greedy output."""
+    rng = random.Random(3)
+    vocab = hf_model.config.vocab_size
+    prompts = []
+    for n in (5, 9, 20, 3, 12, 7):
+        phrase = [rng.randrange(vocab) for _ in range(n)]
+        prompts.append((phrase * (1 + 60 // n))[: 40 + n] + phrase[:2])
+    prompts.append([rng.randrange(vocab) for _ in range(30)])  # nothing to look up
+    return prompts, [hf_greedy(hf_model, p, NEW) for p in prompts]
+
+
+def ngram(k=3, **extra):
+    return {"speculative": {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": 3}, **extra}
+
+
+def run(engine, prompts, params):
+    for i, p in enumerate(prompts):
+        engine.add_request(f"r{i}", p, params)
+    done = run_to_completion(engine)
+    return [done[f"r{i}"].outputs[0].token_ids for i in range(len(prompts))]
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_greedy_with_ngram_speculation_equals_hf(make_engine, repetitive_prompts, k):
+    prompts, reference = repetitive_prompts
+    engine = make_engine(**ngram(k))
+    got = run(engine, prompts, SamplingParams(max_tokens=NEW, temperature=0, ignore_eos=True))
+    assert got == reference
+    c = engine.scheduler.counters
+    assert c["spec_num_draft_tokens"] > 0 and 0 < c["spec_num_accepted_tokens"] < c["spec_num_draft_tokens"]
+    # Fewer steps than tokens: speculation saved forward passes.
+    assert c["spec_accepted_at_0"] <= c["spec_proposed_at_0"]
+
+
+@pytest.mark.parametrize("policy", ["recompute", "swap"])
+def test_greedy_with_speculation_equals_hf_while_preempting(make_engine, repetitive_prompts, policy):
+    prompts, reference = repetitive_prompts
+    engine = make_engine(**ngram(4), block_size=8, num_gpu_blocks=24, preemption_policy=policy,
+                         max_num_batched_tokens=32)
+    got = run(engine, prompts, SamplingParams(max_tokens=NEW, temperature=0, ignore_eos=True))
+    assert got == reference
+    c = engine.scheduler.counters
+    assert c[f"preemptions_{policy}"] > 0 and c["spec_num_accepted_tokens"] > 0
+
+
+def test_rejected_proposals_release_their_blocks(make_engine, repetitive_prompts):
+    """After each verify step a request holds blocks only for its computed tokens (the tail held rejected K/V)."""
+    prompts, _ = repetitive_prompts
+    engine = make_engine(**ngram(5), block_size=4)
+    engine.add_request("r", prompts[-1], SamplingParams(max_tokens=NEW, temperature=0, ignore_eos=True))
+    saw_rollback = False
+    while engine.has_unfinished():
+        engine.step()
+        for req in engine.scheduler.running:
+            assert len(engine.kv.block_ids(req)) == engine.kv.blocks_for(req.num_computed_tokens)
+            assert req.num_computed_tokens == req.num_tokens - 1
+        c = engine.scheduler.counters
+        saw_rollback |= c["spec_num_accepted_tokens"] < c["spec_num_draft_tokens"]
+    assert saw_rollback
+
+
+def test_seeded_sampling_with_speculation_is_reproducible(make_engine, repetitive_prompts):
+    prompts, _ = repetitive_prompts
+    params = SamplingParams(max_tokens=NEW, temperature=0.8, top_k=20, seed=7, ignore_eos=True)
+    outs = [run(make_engine(**ngram(3)), prompts[:3], params) for _ in range(2)]
+    assert outs[0] == outs[1]
+
+
+def test_a_request_can_opt_out(make_engine, repetitive_prompts):
+    prompts, reference = repetitive_prompts
+    engine = make_engine(**ngram(3))
+    got = run(engine, prompts[:2], SamplingParams(max_tokens=NEW, temperature=0, ignore_eos=True, speculative=False))
+    assert got == reference[:2] and engine.scheduler.counters["spec_num_draft_tokens"] == 0
+
+
+def test_abort_in_the_middle_of_a_verify_step_frees_everything(make_engine, repetitive_prompts):
+    prompts, _ = repetitive_prompts
+    engine = make_engine(**ngram(4))
+    for i, p in enumerate(prompts[:3]):
+        engine.add_request(f"r{i}", p, SamplingParams(max_tokens=NEW, temperature=0, ignore_eos=True))
+    for _ in range(200):  # until a step verifies proposals of r0
+        sched = engine.scheduler.schedule()
+        if "r0" in sched.scheduled_spec_tokens:
+            break
+        engine.scheduler.update_from_output(sched, engine.runner.execute(sched))
+    else:
+        pytest.fail("no verify step was scheduled")
+    engine.abort("r0")  # the step below still computes r0's proposals; the scheduler must drop its result
+    engine.scheduler.update_from_output(sched, engine.runner.execute(sched))
+    engine.kv.check_invariants()
+    run_to_completion(engine)
+    assert engine.kv.all_free()
