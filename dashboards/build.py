@@ -165,7 +165,21 @@ def capacity() -> db.Dashboard:
             .with_panel(ts("Prefix-cache evictions per second", "short", [
                 Q(f"sum by (replica) (rate({P}prefix_cache_evictions_total{F}{RATE}))", "{{replica}}")],
                 "Cached KV blocks handed out again for new tokens (blocks/s): a high rate beside a low hit rate "
-                "means the pool is too small for the prefixes it is asked to keep.")))
+                "means the pool is too small for the prefixes it is asked to keep."))
+            .with_row(db.Row("Speculative decoding"))
+            .with_panel(ts("Draft acceptance rate", "percentunit", [
+                Q(f"sum by (replica) (rate({P}spec_decode_num_accepted_tokens_total{F}{RATE})) / "
+                  f"sum by (replica) (rate({P}spec_decode_num_draft_tokens_total{F}{RATE}))", "{{replica}}"),
+                Q(f"sum by (position) (rate({P}spec_decode_num_accepted_tokens_per_pos_total{F}{RATE})) / "
+                  f"sum by (position) (rate({P}spec_decode_num_draft_tokens_per_pos_total{F}{RATE}))",
+                  "position {{position}}")],
+                "Proposed tokens the target accepted over proposed tokens verified, per replica and by position in "
+                "the draft (later positions are accepted only if every earlier one was)."))
+            .with_panel(ts("Tokens per verify step", "short", [
+                Q(f"1 + sum by (replica) (rate({P}spec_decode_num_accepted_tokens_total{F}{RATE})) / "
+                  f"sum by (replica) (rate({P}spec_decode_num_drafts_total{F}{RATE}))", "{{replica}}")],
+                "Tokens a request gains per step that verifies a draft: its accepted proposals plus the target's "
+                "own next token.")))
 
 
 def cost() -> db.Dashboard:

@@ -91,6 +91,15 @@ _SPECS = [
     MetricSpec("prefix_cache_queries", "counter", "Prompt tokens looked up in the prefix cache."),
     MetricSpec("prefix_cache_hits", "counter", "Prompt tokens found in the prefix cache (not computed again)."),
     MetricSpec("prefix_cache_evictions", "counter", "Cached KV blocks evicted from the prefix cache for reuse."),
+    # --- speculative decoding (vLLM's vllm:spec_decode_*); acceptance rate = rate(accepted) / rate(draft tokens),
+    # mean tokens per verify step = 1 + rate(accepted) / rate(drafts), by position from the _per_pos pair
+    MetricSpec("spec_decode_num_drafts", "counter", "Verify steps, counted per request (each verifies one draft)."),
+    MetricSpec("spec_decode_num_draft_tokens", "counter", "Proposed tokens verified by the target."),
+    MetricSpec("spec_decode_num_accepted_tokens", "counter", "Proposed tokens the target accepted."),
+    MetricSpec("spec_decode_num_draft_tokens_per_pos", "counter", "Proposed tokens verified, by position in the "
+               "draft (0 = the first proposal).", ("position",)),
+    MetricSpec("spec_decode_num_accepted_tokens_per_pos", "counter", "Proposed tokens accepted, by position in the "
+               "draft.", ("position",)),
     # --- cost
     MetricSpec("num_gpus", "gauge", "GPUs the replica holds (and pays for)."),
     MetricSpec("gpu_price_dollars_per_hour", "gauge", "Configured price of one GPU-hour on the replica's node type.",
@@ -114,6 +123,8 @@ _SCHEDULER_SPECS = [
 WORKER_METRICS: dict[str, MetricSpec] = {s.name: s for s in _SPECS}
 # Engine stats (``LLMEngine.stats()``, cumulative) exported under the same names as counters.
 PREFIX_CACHE_COUNTERS = ("prefix_cache_queries", "prefix_cache_hits", "prefix_cache_evictions")
+SPEC_DECODE_COUNTERS = {"spec_num_steps": "spec_decode_num_drafts", "spec_num_draft_tokens": "spec_decode_num_draft_tokens",
+                        "spec_num_accepted_tokens": "spec_decode_num_accepted_tokens"}
 SCHEDULER_METRICS: dict[str, MetricSpec] = {s.name: s for s in _SCHEDULER_SPECS}
 METRICS: dict[str, MetricSpec] = {**WORKER_METRICS, **SCHEDULER_METRICS}
 
@@ -358,11 +369,21 @@ class ServingMetrics:
         counters = {"num_preemptions": stats.get("preemptions_recompute", 0) + stats.get("preemptions_swap", 0),
                     "num_swap_out": stats.get("swap_out", 0), "num_swap_in": stats.get("swap_in", 0),
                     **{name: stats[name] for name in PREFIX_CACHE_COUNTERS if name in stats}}
+        counters.update({name: stats[key] for key, name in SPEC_DECODE_COUNTERS.items() if key in stats})
         for name, total in counters.items():
             delta = total - self._engine_counters.get(name, 0)
             self._engine_counters[name] = total
             if delta > 0:  # a counter never goes back (an engine without prefix caching reports none of those)
                 self.m[name].record(delta, labels)
+        for key, total in stats.items():  # spec_proposed_at_<i> / spec_accepted_at_<i>, one series per position
+            kind, _, pos = key.rpartition("_at_")
+            name = {"spec_proposed": "spec_decode_num_draft_tokens_per_pos",
+                    "spec_accepted": "spec_decode_num_accepted_tokens_per_pos"}.get(kind)
+            if name is not None:
+                delta = total - self._engine_counters.get(key, 0)
+                self._engine_counters[key] = total
+                if delta > 0:
+                    self.m[name].record(delta, labels + (pos,))
 
     def num_tracked(self) -> int:
         return len(self._reqs)

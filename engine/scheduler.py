@@ -263,8 +263,6 @@ class Scheduler:
                 n -= len(spec) - num_accepted
                 self._count_speculation(len(spec), num_accepted)
             req.num_computed_tokens += n
-            if caching and req.num_computed_tokens // block_size != before // block_size:
-                self.kv.cache_full_blocks(req)  # the step filled a block (checked inline: this loop is hot)
             for pos, lp in out.prompt_logprobs.get(req_id, []):
                 if pos == len(req.prompt_logprobs):
                     req.prompt_logprobs.append(lp)
@@ -278,6 +276,10 @@ class Scheduler:
                 if status is not None:
                     tokens = tokens[: i + 1]
                     break
+            # After the new tokens are appended: accepted proposals are computed tokens that only now join the
+            # request's token ids, which the block hashes read.
+            if caching and req.num_computed_tokens // block_size != before // block_size:
+                self.kv.cache_full_blocks(req)  # the step filled a block (checked inline: this loop is hot)
             prompt_logprobs = None
             if tokens:
                 if req.metrics.first_token_time is None:

@@ -42,6 +42,8 @@ def main() -> None:
     ap.add_argument("--price-per-hour", type=float, default=3.6,
                     help="$ per (pretend) GPU-hour of a worker: 3.6 makes one GPU-second cost $0.001")
     ap.add_argument("--num-cpus", type=int, default=4)
+    ap.add_argument("--num-speculative-tokens", type=int, default=0,
+                    help="above 0: speculative decoding with n-gram proposals of this many tokens")
     args = ap.parse_args()
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -72,7 +74,9 @@ def main() -> None:
         app = serve_app.build_app({
             "engine": dict(model=str(model_dir), device="cpu", dtype="float32", num_gpu_blocks=args.num_gpu_blocks,
                            block_size=16, max_num_batched_tokens=256, max_num_seqs=8, swap_space_gib=0.05,
-                           preemption_policy=args.preemption_policy),
+                           preemption_policy=args.preemption_policy,
+                           speculative={"method": "ngram", "num_speculative_tokens": args.num_speculative_tokens}
+                           if args.num_speculative_tokens else None),
             "served_model_name": args.model_name, "max_queued_requests": args.max_queued_requests,
             "kv_overcommit": args.kv_overcommit,
             "heartbeat_interval_s": 0.2, "channel_idle_s": 2.0,

@@ -104,3 +104,30 @@ def test_abort_in_the_middle_of_a_verify_step_frees_everything(make_engine, repe
     engine.kv.check_invariants()
     run_to_completion(engine)
     assert engine.kv.all_free()
+
+
+@pytest.mark.parametrize("policy", ["swap", "recompute"])
+def test_random_traffic_with_speculation_keeps_the_pool_consistent(make_engine, policy):
+    """Arrivals, aborts, greedy and sampled requests, repetitive and random prompts on a 16-block pool (the
+    service's telemetry stack found a bug here: blocks filled by accepted proposals were hashed before the
+    proposals joined the request's tokens)."""
+    engine = make_engine(num_gpu_blocks=16, max_num_batched_tokens=256, preemption_policy=policy,
+                         enable_prefix_caching=True, **ngram(3))
+    rng = random.Random(11 if policy == "swap" else 12)
+    n = 0
+    for _ in range(300):
+        if rng.random() < 0.3 and n < 40:
+            prompt = [rng.randrange(500) for _ in range(rng.randint(8, 48))]
+            if rng.random() < 0.5:
+                prompt = (prompt[:6] * 10)[:len(prompt)]
+            engine.add_request(f"r{n}", prompt, SamplingParams(max_tokens=rng.randint(8, 32), ignore_eos=True,
+                                                               temperature=rng.choice([0.0, 0.7, 1.0])))
+            n += 1
+        if rng.random() < 0.05 and n:
+            engine.abort(f"r{rng.randrange(n)}")
+        if engine.has_unfinished():
+            engine.step()
+        engine.kv.check_invariants()
+    run_to_completion(engine)
+    c = engine.scheduler.counters
+    assert c["spec_num_accepted_tokens"] > 0 and c[f"preemptions_{policy}"] > 0

@@ -103,7 +103,7 @@ def stack(tmp_path_factory):
             [PY, str(ROOT / "scripts/tiny_service.py"), "--port", str(port), "--metrics-export-port", str(ray_port),
              "--model-dir", str(tmp / "gpt2-tiny"), "--workers", "2", "--price-per-hour", str(PRICE_PER_GPU_HOUR),
              "--max-queued-requests", str(MAX_QUEUED), "--num-gpu-blocks", "16", "--kv-overcommit", "2",
-             "--preemption-policy", "swap"],
+             "--preemption-policy", "swap", "--num-speculative-tokens", "3"],
             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=open(tmp / "service.log", "w"), text=True)
         procs.append(service)
         info = _wait_ready(service, 180)
@@ -227,6 +227,24 @@ def prefix_reuse(stack) -> PrefixReuse:
             assert r.status_code == 200, r.text
     after = wait_idle(stack.url)
     return PrefixReuse(sum(map(len, prompts)), len(prefix), len(prompts), before, after)
+
+
+@pytest.fixture(scope="session")
+def speculation(stack) -> int:
+    """Greedy requests whose prompts repeat a phrase: n-gram lookup proposes tokens and the target accepts some
+    (the stack's workers speculate 3 tokens a step). Returns the tokens generated."""
+    import httpx
+
+    phrase = list(range(400, 407))
+    generated = 0
+    with httpx.Client(base_url=stack.url, timeout=60) as client:
+        for i in range(4):
+            r = client.post("/v1/completions", json={"model": stack.model, "prompt": phrase * 4 + [i], "max_tokens": 24,
+                                                     "ignore_eos": True, "temperature": 0})
+            assert r.status_code == 200, r.text
+            generated += r.json()["usage"]["completion_tokens"]
+    wait_idle(stack.url)
+    return generated
 
 
 @dataclass

@@ -59,7 +59,7 @@ def test_ttft_p50_from_promql(prometheus, locust_smoke):
         assert 0 < value < 10, value
 
 
-def test_every_dashboard_query_returns_data(prometheus, locust_smoke, error_paths, prefix_reuse):
+def test_every_dashboard_query_returns_data(prometheus, locust_smoke, error_paths, prefix_reuse, speculation):
     # The last events (the error burst) reach Prometheus from several processes and, on Ray's side, a report
     # interval later; a rate needs two samples of a series, and on Ray's endpoint a counter appears only once it
     # is above 0. So look again for a while before calling a panel empty.
