@@ -9,13 +9,19 @@ pool, so smaller ones reuse the largest one's activation memory.
 Decode steps whose sequences share a prefix run cascade attention (docs/shared-prefix-attention.md) and have
 graphs of their own, on a coarser ladder. Their grouping changes from step to step, so their attention metadata
 sits in static buffers of fixed capacity (``CascadeBuffers``) and the kernels read all of it from there.
+
+Speculative decoding adds verify steps: each request's last token followed by up to k proposals. Their graphs
+(``VerifyBuffers``) give every request the same q = 1 + k query tokens, so that a bucket's launches are fixed;
+a request with fewer proposals is padded after its real tokens (``verify_layout``).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from engine.attention import MAX_CASCADE_GROUPS, AttentionMetadata, CascadeMetadata
@@ -41,6 +47,101 @@ def cascade_bucket_sizes(max_num_seqs: int, min_rows: int) -> list[int]:
         return []
     ladder = [8, 16, 32, 64, 128, 192] + list(range(256, max_num_seqs, 128))
     return [b for b in ladder if min_rows <= b < max_num_seqs] + [max_num_seqs]
+
+
+# Verify graphs keep logits for all of their b * q rows (at k = 4, 320 rows of GPT-2 in fp16 are 32 MB) and cost a
+# capture each, so their ladder stops at this many tokens; larger verify steps run eagerly. Speculation pays at small
+# batch, where a step is mostly launch overhead (an eager GPT-2 XL step spends ~8-10 ms launching its kernels, a
+# graphed decode step takes ~2.7 ms in all); at k = 4 the cap keeps batches up to 64 (the whole ladder's logits take
+# 64 MB), at k = 1 up to 256.
+VERIFY_GRAPH_MAX_TOKENS = 512
+
+
+def verify_bucket_sizes(max_num_seqs: int, query_len: int, max_tokens: int = VERIFY_GRAPH_MAX_TOKENS) -> list[int]:
+    """Batch sizes of the verify graphs: doubling from 1 to 64, then steps of 64, and max_num_seqs; only sizes whose
+    ``size * query_len`` tokens stay within ``max_tokens``."""
+    ladder = [1, 2, 4, 8, 16, 32, 64] + list(range(128, max_num_seqs, 64))
+    sizes = [b for b in ladder if b < max_num_seqs and b * query_len <= max_tokens]
+    return sizes + ([max_num_seqs] if max_num_seqs * query_len <= max_tokens else [])
+
+
+@dataclass
+class VerifyLayout:
+    """Where a verify step's tokens sit in a verify graph: request i owns rows ``i * q .. i * q + q - 1``, its real
+    tokens (last token, then its proposals) first and padding after them."""
+
+    token_rows: np.ndarray  # [tokens] int64: the graph row of each real token, in the flat batch's order
+    query_start_loc: np.ndarray  # [n + 1] int64: arange(n + 1) * q
+    num_rows: int  # n * q
+
+    def pad(self, values: np.ndarray, fill: int) -> np.ndarray:
+        """Flat-batch ``values`` (one per real token) spread over the graph's rows, ``fill`` in the padding rows."""
+        out = np.full(self.num_rows, fill, dtype=np.asarray(values).dtype)
+        out[self.token_rows] = values
+        return out
+
+
+def verify_layout(num_spec: np.ndarray, query_len: int) -> VerifyLayout:
+    """The graph layout of a step in which request i verifies ``num_spec[i]`` proposals (0: a plain decode).
+
+    Padding goes after a request's real tokens: causal attention then never shows it to them (each real token sees
+    only positions up to its own), so their hidden states, and the logits ``_verify`` reads, are those of the
+    unpadded step. Padding tokens get slot -1 (their K/V are not stored); their own rows are garbage, never read.
+    """
+    num_spec = np.asarray(num_spec, dtype=np.int64)
+    assert ((num_spec >= 0) & (num_spec < query_len)).all(), "a request verifies more proposals than q - 1"
+    counts = num_spec + 1
+    starts = np.zeros(len(counts) + 1, dtype=np.int64)
+    np.cumsum(counts, out=starts[1:])
+    seq_of = np.repeat(np.arange(len(counts)), counts)
+    token_rows = seq_of * query_len + np.arange(starts[-1]) - starts[seq_of]
+    return VerifyLayout(token_rows, np.arange(len(counts) + 1, dtype=np.int64) * query_len, len(counts) * query_len)
+
+
+class VerifyBuffers:
+    """Static inputs of the verify graphs, for up to ``max_seqs`` requests of ``q`` tokens each.
+
+    ``query_start_loc`` never changes (every request has q tokens), so with the bucket's token and sequence counts
+    the attention kernel's grid is fixed (``T // block_m + B`` query tiles); sequence lengths, slots and block
+    tables come from these buffers at replay. A request's length is its computed tokens + q, padding included,
+    since the kernel places a request's first query token at ``seq_len - q``. Its padding tokens then sit up to
+    q - 1 positions past the model's length and read keys there: the block table has columns for them. Entries past
+    what a step copies in are left from earlier steps (or 0), valid block ids. The real tokens' query tile loads
+    those positions too and weighs them by exactly 0, which is harmless because every slot of the pool holds a
+    finite value (it starts zeroed and only ever receives computed K/V).
+    """
+
+    def __init__(self, max_seqs: int, q: int, max_model_len: int, block_size: int, device: torch.device | str):
+        self.q = q
+        n = max_seqs * q
+        self.input_ids = torch.zeros(n, dtype=torch.long, device=device)
+        self.positions = torch.zeros(n, dtype=torch.long, device=device)
+        self.slot_mapping = torch.full((n,), -1, dtype=torch.long, device=device)
+        # Padding requests: q tokens over a context of exactly them, as decode graphs pad with a context of 1.
+        self.seq_lens = torch.full((max_seqs,), q, dtype=torch.int32, device=device)
+        self.query_start_loc = torch.arange(max_seqs + 1, dtype=torch.int32, device=device) * q
+        self.max_seq_len = max_model_len + q - 1
+        width = -(-self.max_seq_len // block_size)
+        self.block_tables = torch.zeros((max_seqs, width), dtype=torch.int32, device=device)
+
+    def views(self, b: int) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """Token ids, positions and attention metadata of a bucket of ``b`` requests (what its graph reads)."""
+        t = b * self.q
+        meta = AttentionMetadata(self.slot_mapping[:t], self.query_start_loc[:b + 1], self.seq_lens[:b],
+                                 self.block_tables[:b], self.q, self.max_seq_len)
+        return self.input_ids[:t], self.positions[:t], meta
+
+    def fill(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, b: int) -> None:
+        """Copy a step in ``verify_layout`` (n requests, n * q rows) in, padded to ``b`` requests."""
+        n, t = meta.seq_lens.shape[0], input_ids.shape[0]
+        assert t == n * self.q and n <= b
+        self.input_ids[:t].copy_(input_ids)
+        self.positions[:t].copy_(positions)
+        self.slot_mapping[:t].copy_(meta.slot_mapping)
+        self.slot_mapping[t:b * self.q].fill_(-1)
+        self.seq_lens[:n].copy_(meta.seq_lens)
+        self.seq_lens[n:b].fill_(self.q)
+        self.block_tables[:n, :meta.block_tables.shape[1]].copy_(meta.block_tables)
 
 
 class CascadeBuffers:
@@ -104,10 +205,14 @@ class CascadeBuffers:
 
 class DecodeGraphs:
     def __init__(self, model, kv_caches: list[torch.Tensor], max_num_seqs: int, max_blocks_per_seq: int,
-                 max_model_len: int, device: torch.device, cascade_min_rows: int | None = None):
-        """``cascade_min_rows``: also capture cascade graphs, for steps of at least this many rows."""
+                 max_model_len: int, device: torch.device, cascade_min_rows: int | None = None,
+                 verify_query_len: int | None = None):
+        """``cascade_min_rows``: also capture cascade graphs, for steps of at least this many rows.
+        ``verify_query_len``: also capture verify graphs, for speculative steps of this many tokens per request."""
         self.sizes = bucket_sizes(max_num_seqs)
         self.cascade_sizes = cascade_bucket_sizes(max_num_seqs, cascade_min_rows) if cascade_min_rows else []
+        self.verify_sizes = (verify_bucket_sizes(max_num_seqs, verify_query_len, VERIFY_GRAPH_MAX_TOKENS)
+                             if verify_query_len else [])
         n = self.sizes[-1]
         self.input_ids = torch.zeros(n, dtype=torch.long, device=device)
         self.positions = torch.zeros(n, dtype=torch.long, device=device)
@@ -116,39 +221,60 @@ class DecodeGraphs:
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros((n, max_blocks_per_seq), dtype=torch.int32, device=device)
         self.cascade = CascadeBuffers(n, max_blocks_per_seq, device) if self.cascade_sizes else None
+        self.verify = None
+        if self.verify_sizes:
+            self.verify = VerifyBuffers(self.verify_sizes[-1], verify_query_len, max_model_len,
+                                        kv_caches[0].shape[2], device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
         self.cascade_graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.cascade_logits: dict[int, torch.Tensor] = {}
-        seconds = {False: 0.0, True: 0.0}
+        self.verify_graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.verify_logits: dict[int, torch.Tensor] = {}
+        store = {"decode": (self.graphs, self.logits), "cascade": (self.cascade_graphs, self.cascade_logits),
+                 "verify": (self.verify_graphs, self.verify_logits)}
+        seconds = dict.fromkeys(store, 0.0)
         self._pool = None
-        # Largest first, both kinds in one pool: a cascade graph of b rows needs a little more (the fp32 partials).
-        captures = sorted([(b, False) for b in self.sizes] + [(b, True) for b in self.cascade_sizes], reverse=True)
+        # Largest first (by tokens), all kinds in one pool: a cascade graph of b rows needs a little more than an
+        # ordinary one (the fp32 partials), a verify graph of b requests holds b * q tokens.
+        rank = {"decode": 0, "cascade": 1, "verify": 2}
+        captures = [(b, "decode") for b in self.sizes] + [(b, "cascade") for b in self.cascade_sizes]
+        captures += [(b, "verify") for b in self.verify_sizes]
+        captures.sort(key=lambda c: (c[0] * (verify_query_len if c[1] == "verify" else 1), rank[c[1]]),
+                      reverse=True)
         with torch.inference_mode():
-            for b, cascade in captures:
+            for b, kind in captures:
                 start = time.perf_counter()
-                # max_seq_len is the upper bound: kernels read each sequence's true length from seq_lens.
-                meta = AttentionMetadata(self.slot_mapping[:b], self.query_start_loc[:b + 1], self.seq_lens[:b],
-                                         self.block_tables[:b], 1, max_model_len)
-                if cascade:
+                ids, positions = self.input_ids[:b], self.positions[:b]
+                if kind == "verify":
+                    ids, positions, meta = self.verify.views(b)
+                else:
+                    # max_seq_len is the upper bound: kernels read each sequence's true length from seq_lens.
+                    meta = AttentionMetadata(self.slot_mapping[:b], self.query_start_loc[:b + 1], self.seq_lens[:b],
+                                             self.block_tables[:b], 1, max_model_len)
+                if kind == "cascade":
                     from kernels.cascade_attention import bucket_splits
 
                     self.cascade.clear(b)
                     splits = bucket_splits(b, model.num_heads, max_model_len, kv_caches[0].dtype, device)
                     meta.cascade = self.cascade.metadata(b, splits, max_model_len)
 
-                def forward(b=b, meta=meta):
-                    return model.compute_logits(model(self.input_ids[:b], self.positions[:b], kv_caches, meta))
+                def forward(ids=ids, positions=positions, meta=meta):
+                    return model.compute_logits(model(ids, positions, kv_caches, meta))
 
-                graph, logits = self._capture(forward, device)
-                (self.cascade_graphs if cascade else self.graphs)[b] = graph
-                (self.cascade_logits if cascade else self.logits)[b] = logits
-                seconds[cascade] += time.perf_counter() - start
-        log.info("captured %d decode CUDA graphs (batch 1..%d) in %.1f s", len(self.sizes), n, seconds[False])
+                graphs, outputs = store[kind]
+                graphs[b], outputs[b] = self._capture(forward, device)
+                seconds[kind] += time.perf_counter() - start
+        log.info("captured %d decode CUDA graphs (batch 1..%d) in %.1f s", len(self.sizes), n, seconds["decode"])
         if self.cascade_sizes:
             log.info("captured %d cascade-attention decode graphs (batch %s; up to %d shared groups) in %.1f s",
                      len(self.cascade_sizes), ", ".join(map(str, self.cascade_sizes)), MAX_CASCADE_GROUPS,
-                     seconds[True])
+                     seconds["cascade"])
+        if self.verify_sizes:
+            logit_bytes = sum(t.numel() * t.element_size() for t in self.verify_logits.values())
+            log.info("captured %d speculative verify graphs (batch %s, %d tokens each) in %.1f s; their logits "
+                     "take %.0f MB", len(self.verify_sizes), ", ".join(map(str, self.verify_sizes)), verify_query_len,
+                     seconds["verify"], logit_bytes / 2**20)
 
     def _capture(self, forward, device: torch.device):
         """Run ``forward`` once on a side stream (Triton compiles there, outside the capture), then capture it into
@@ -170,6 +296,18 @@ class DecodeGraphs:
     def fits(self, num_seqs: int, cascade: bool = False) -> bool:
         sizes = self.cascade_sizes if cascade else self.sizes
         return bool(sizes) and num_seqs <= sizes[-1]
+
+    def fits_verify(self, num_seqs: int) -> bool:
+        return bool(self.verify_sizes) and num_seqs <= self.verify_sizes[-1]
+
+    def run_verify(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Replay the verify graph of the smallest bucket that holds the step, given in ``verify_layout`` (n
+        requests of q rows each); returns the logits of its n * q rows."""
+        n = meta.seq_lens.shape[0]
+        b = next(s for s in self.verify_sizes if s >= n)
+        self.verify.fill(input_ids, positions, meta, b)
+        self.verify_graphs[b].replay()
+        return self.verify_logits[b][:input_ids.shape[0]]
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Replay the graph of the smallest bucket that holds the step: a cascade graph when ``meta.cascade``."""

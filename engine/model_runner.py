@@ -3,7 +3,8 @@
 It keeps its own per-request state (token ids, a row of the block table), so that the scheduler only sends
 what changed. Step inputs are built with numpy over whole arrays (no per-token Python loop) into pinned
 buffers; on a GPU, decode-only steps replay a CUDA graph captured for the next batch-size bucket (a cascade graph
-when the step's sequences share a prefix).
+when the step's sequences share a prefix), and so do speculative verify steps (a verify graph, whose requests all
+have 1 + k query tokens: see ``_prepare``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 
 from engine.attention import AttentionMetadata, find_shared_prefixes, get_attention_backend
 from engine.config import EngineConfig
-from engine.cuda_graphs import DecodeGraphs
+from engine.cuda_graphs import DecodeGraphs, verify_layout
 from engine.kv_manager import cdiv
 from engine.loader import load_model, resolve_device, resolve_dtype
 from engine.outputs import ModelRunnerOutput, SchedulerOutput
@@ -63,6 +64,11 @@ class StepInputs:
     # Speculative decoding: requests verifying proposals, and their rows (last token + each proposal), in order.
     spec_ids: list[str]
     spec_rows: np.ndarray
+    # The step is laid out for a verify CUDA graph (``verify_layout``: q rows per request, padding after the real
+    # tokens; sample_rows and spec_rows are graph rows). Its metadata is then only for ``DecodeGraphs.run_verify``:
+    # sequence lengths include the padding, which reads block-table columns past those copied here.
+    verify_graph: bool = False
+    logit_rows: torch.Tensor | None = None  # verify graphs: sample_rows then spec_rows, on the device
 
 
 class HostStaging:
@@ -139,6 +145,7 @@ class ModelRunner:
         self.cascade_enabled = self.backend.name == "triton"
         self.cascade_steps = 0  # decode steps that ran cascade attention
         self.cascade_graph_steps = 0  # ... of which replayed a cascade CUDA graph
+        self.verify_graph_steps = 0  # speculative verify steps that replayed a verify CUDA graph
         use_graphs = self.device.type == "cuda" and not config.enforce_eager and self.backend.name != "torch"
         if self.device.type == "cuda":
             # With graphs, every cascade step replays one, and capturing compiles what it needs.
@@ -147,7 +154,8 @@ class ModelRunner:
         if use_graphs:
             self.graphs = DecodeGraphs(self.model, self.kv_caches, config.max_num_seqs, self.max_blocks_per_seq,
                                        self.max_model_len, self.device,
-                                       cascade_min_rows=CASCADE_MIN_GROUP if self.cascade_enabled else None)
+                                       cascade_min_rows=CASCADE_MIN_GROUP if self.cascade_enabled else None,
+                                       verify_query_len=1 + self.num_spec_tokens if config.speculative else None)
 
     # ------------------------------------------------------------------ memory
     def _profile_num_blocks(self) -> int:
@@ -316,6 +324,13 @@ class ModelRunner:
         known = np.fromiter((len(st.token_ids) for st in states), dtype=np.int64, count=len(states))
         caught_up = seq_lens == known + num_spec
         decode_only = bool((counts == 1).all() and caught_up.all())
+        # A verify graph takes a step in which every request is a plain decode (a verify of 0 proposals) or verifies
+        # its proposals: nobody is mid-prefill, and nobody has more than 1 + k tokens.
+        q = 1 + self.num_spec_tokens
+        verify_graph = bool(
+            not decode_only and self.graphs is not None and self.graphs.fits_verify(len(req_ids))
+            and num_spec.any() and (counts == 1 + num_spec).all() and caught_up.all() and counts.max() <= q
+        )
         if decode_only:  # the common case: one token each, the last one
             ids = [st.token_ids[-1] for st in states]
             positions = computed
@@ -331,6 +346,7 @@ class ModelRunner:
         slots = self.block_table[token_rows, positions // bs].astype(np.int64) * bs + positions % bs
 
         sample_idx = np.nonzero(caught_up & (num_spec == 0))[0]
+        sample_rows = starts[1:][sample_idx] - 1
         spec_idx = np.nonzero(num_spec)[0]
         # Row j of a verifying request is the position after its j-th proposal (j = 0: after its last token).
         spec_rows = np.concatenate([np.arange(starts[i + 1] - 1 - num_spec[i], starts[i + 1]) for i in spec_idx]) \
@@ -344,6 +360,17 @@ class ModelRunner:
 
         width = cdiv(int(seq_lens.max()), bs)
         tables = self.block_table[rows, :width]
+        logit_rows = None
+        if verify_graph:
+            # Into the graph's layout: padding after each request's real tokens (slot -1, positions clamped into
+            # the position table), every request q tokens long, and the logits rows mapped to their graph rows.
+            layout = verify_layout(num_spec, q)
+            ids = layout.pad(np.asarray(ids, dtype=np.int64), 0)
+            positions = np.minimum(computed[:, None] + np.arange(q), self.max_model_len - 1).ravel()
+            slots = layout.pad(slots, -1)
+            starts, seq_lens = layout.query_start_loc, computed + q
+            sample_rows, spec_rows = layout.token_rows[sample_rows], layout.token_rows[spec_rows]
+            logit_rows = np.concatenate([sample_rows, spec_rows])
         cascade = None
         if decode_only and self.cascade_enabled:
             cascade = find_shared_prefixes(tables, seq_lens, bs, CASCADE_MIN_GROUP, CASCADE_MIN_PREFIX_TOKENS)
@@ -361,9 +388,10 @@ class ModelRunner:
         inputs = StepInputs(
             input_ids=to_dev(np.asarray(ids, dtype=np.int64), torch.int64, "ids"),
             positions=to_dev(np.asarray(positions, dtype=np.int64), torch.int64, "positions"),
-            meta=meta, sample_rows=starts[1:][sample_idx] - 1, sample_ids=[req_ids[i] for i in sample_idx],
+            meta=meta, sample_rows=sample_rows, sample_ids=[req_ids[i] for i in sample_idx],
             prompt_logprobs=prompt_lp, decode_only=decode_only,
-            spec_ids=[req_ids[i] for i in spec_idx], spec_rows=spec_rows,
+            spec_ids=[req_ids[i] for i in spec_idx], spec_rows=spec_rows, verify_graph=verify_graph,
+            logit_rows=to_dev(logit_rows, torch.int64, "logit_rows") if logit_rows is not None else None,
         )
         self._staging.end()
         return inputs
@@ -385,6 +413,10 @@ class ModelRunner:
         if inputs.decode_only and self.graphs is not None and self.graphs.fits(num_seqs, cascade):
             self.cascade_graph_steps += cascade
             logits = self.graphs.run(inputs.input_ids, inputs.positions, inputs.meta)
+        elif inputs.verify_graph:
+            self.verify_graph_steps += 1
+            logits = self.graphs.run_verify(inputs.input_ids, inputs.positions, inputs.meta)[inputs.logit_rows]
+            logits = self._verify_rows(logits, inputs, sched, out)
         else:
             hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
             for req_id, row, pos, count in inputs.prompt_logprobs:
@@ -392,10 +424,7 @@ class ModelRunner:
             logits = None
             if len(inputs.sample_ids) or len(inputs.spec_ids):
                 rows = torch.from_numpy(np.concatenate([inputs.sample_rows, inputs.spec_rows])).to(self.device)
-                logits = self.model.compute_logits(hidden[rows])
-                if len(inputs.spec_ids):
-                    self._verify(logits[len(inputs.sample_ids):], inputs.spec_ids, sched.scheduled_spec_tokens, out)
-                    logits = logits[:len(inputs.sample_ids)] if len(inputs.sample_ids) else None
+                logits = self._verify_rows(self.model.compute_logits(hidden[rows]), inputs, sched, out)
         t2 = time.perf_counter()
 
         if logits is not None:
@@ -420,6 +449,15 @@ class ModelRunner:
         return out
 
     # ------------------------------------------------------------------ speculative decoding
+    def _verify_rows(self, logits: torch.Tensor, inputs: StepInputs, sched: SchedulerOutput,
+                     out: ModelRunnerOutput) -> torch.Tensor | None:
+        """``logits``: the step's sampled rows, then its verified ones. Verifies the latter; returns the former (None
+        if there are none)."""
+        if not len(inputs.spec_ids):
+            return logits
+        self._verify(logits[len(inputs.sample_ids):], inputs.spec_ids, sched.scheduled_spec_tokens, out)
+        return logits[:len(inputs.sample_ids)] if len(inputs.sample_ids) else None
+
     def _verify(self, logits: torch.Tensor, req_ids: list[str], spec: dict[str, list[int]],
                 out: ModelRunnerOutput) -> None:
         """Accept or reject each verifying request's proposals (``logits``: its rows, last token first)."""
