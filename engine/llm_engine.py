@@ -124,7 +124,8 @@ class LLMEngine:
         return outputs
 
     def stats(self) -> dict[str, float | int]:
-        return self.scheduler.stats()
+        proposer = self.runner.proposer
+        return {**self.scheduler.stats(), **(proposer.stats() if proposer is not None else {})}
 
     def step_timing(self) -> dict[str, float]:
         """Mean milliseconds per step: CPU work (schedule, input preparation, booking) and time in the runner's

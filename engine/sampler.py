@@ -148,15 +148,16 @@ class Sampler:
             logits = logits.masked_fill(logits < kth, float("-inf"))  # ties with the k-th all stay
 
         probs = torch.softmax(logits, dim=-1)
-        top_p = torch.tensor([r.params.top_p for r in rows], device=self.device)
-        if bool((top_p < 1.0).any()):
+        # Decided from the parameters on the host: a tensor comparison would make the GPU sync here.
+        if any(r.params.top_p < 1.0 for r in rows):
+            top_p = torch.tensor([r.params.top_p for r in rows], device=self.device)
             sorted_p, order = probs.sort(dim=-1, descending=True)
             mass_before = sorted_p.cumsum(dim=-1) - sorted_p
             drop_sorted = mass_before >= top_p[:, None]
             drop_sorted[:, 0] = False
             drop = torch.zeros_like(drop_sorted).scatter_(1, order, drop_sorted)
             probs = probs.masked_fill(drop, 0.0)
-        min_p = torch.tensor([r.params.min_p for r in rows], device=self.device)
-        if bool((min_p > 0).any()):
+        if any(r.params.min_p > 0 for r in rows):
+            min_p = torch.tensor([r.params.min_p for r in rows], device=self.device)
             probs = probs.masked_fill(probs < min_p[:, None] * probs.max(dim=-1, keepdim=True).values, 0.0)
         return probs / probs.sum(dim=-1, keepdim=True) if normalise else probs
