@@ -81,6 +81,21 @@ class OracleProposer(Proposer):
             self._ref.pop(req_id, None)
 
 
+def widen_greedy_margins(model, token: int = 1000, scale: float = 20.0) -> None:
+    """Make a dummy-weight target's greedy choice unambiguous, so that the oracle's reference survives fp16.
+
+    Random GPT-2 weights give nearly flat next-token distributions: the top two logits often differ by less than
+    the rounding difference between a 1-token decode pass and a 5-token verify pass, so the target's own greedy
+    output flips between the two shapes and the oracle loses track (the first run lost most requests this way).
+    Adding ``scale`` times one token's unit embedding to the final LayerNorm's bias raises that token's logit by
+    ``scale`` times its norm at every position: greedy then always picks it, in any shape. The work per token (the
+    weights read, the attention over the same context lengths) does not depend on which tokens come out.
+    """
+    with torch.no_grad():
+        row = model.wte.weight[token].float()
+        model.ln_f.bias.add_((scale * row / row.norm()).to(model.ln_f.bias.dtype))
+
+
 # ----------------------------------------------------------------------------------------------- measuring
 def _params(n_out: int):
     from engine import SamplingParams
@@ -293,6 +308,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         try:
             t = time.perf_counter()
             llm = LLM(EngineConfig(**config))
+            if config.get("load_format") == "dummy":
+                widen_greedy_margins(llm.engine.runner.model)
+                extra["greedy_margins_widened"] = True
             extra["startup_s"] = round(time.perf_counter() - t, 2)
             extra["engine_args"] = llm.engine.config.model_dump(mode="json")
             warm_up_engine(llm)

@@ -21,6 +21,9 @@ class SpeculativeConfig(BaseModel):
     draft_model: str | None = Field(None, description="draft_model: a local directory or hub id (gpt2 for gpt2-xl).")
     draft_load_format: Literal["auto", "safetensors", "pt", "dummy"] = Field("auto")
     draft_kv_cache_gib: float = Field(2.0, gt=0, description="draft_model: memory for the draft's own KV pool.")
+    min_acceptance_rate: float = Field(
+        0.2, ge=0, le=1, description="A request whose recent proposals are accepted less often than this pauses "
+        "speculation (4, 8, ... 64 steps, then one probe): a verify step costs more than a decode step.")
 
 
 class EngineConfig(BaseModel):

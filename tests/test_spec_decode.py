@@ -131,3 +131,34 @@ def test_random_traffic_with_speculation_keeps_the_pool_consistent(make_engine, 
     run_to_completion(engine)
     c = engine.scheduler.counters
     assert c["spec_num_accepted_tokens"] > 0 and c[f"preemptions_{policy}"] > 0
+
+
+class WrongProposer:
+    """Proposes tokens the target never picks: every verify step is pure cost."""
+
+    def __init__(self, vocab):
+        self.vocab = vocab
+
+    def propose(self, batch):
+        from engine.spec_decode.proposer import Proposal
+
+        return {r.req_id: Proposal([(r.token_ids[-1] + 1 + i) % self.vocab for i in range(r.num_tokens)])
+                for r in batch}
+
+    def drop(self, req_ids):
+        pass
+
+    def stats(self):
+        return {}
+
+
+def test_a_request_whose_proposals_fail_pauses_speculation(make_engine, repetitive_prompts):
+    prompts, reference = repetitive_prompts
+    engine = make_engine(**ngram(4))
+    engine.runner.proposer = WrongProposer(engine.vocab_size)
+    got = run(engine, prompts[-1:], SamplingParams(max_tokens=120, temperature=0, ignore_eos=True))
+    assert got[0][:NEW] == reference[-1]
+    c = engine.scheduler.counters
+    assert c["spec_num_accepted_tokens"] == 0
+    # 120 tokens; pauses of 4, 8, 16, 32, 64 steps after each failed verify: a handful of verify steps, not 119.
+    assert 3 <= c["spec_num_steps"] <= 8, c["spec_num_steps"]
