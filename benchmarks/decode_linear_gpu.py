@@ -2,23 +2,27 @@
 """Fused decode linear layers (kernels/decode_linear.py) vs the unfused PyTorch sequence, at GPT-2 XL shapes.
 
     python benchmarks/decode_linear_gpu.py [--out decode_linear.json] [--no-sweep] [--sweep-budget-s 70]
-                                           [--dtype float16] [--small]
+                                           [--sweep-m1] [--dtype float16] [--small]
 
 Needs only torch + triton. On a GPU it:
   1. checks ``fused_linear`` against the fp32 reference for the four XL layers (each with the fusions the model
      uses: LN1+c_attn+bias, attn.c_proj+bias+residual, LN2+c_fc+bias+gelu, mlp.c_proj+bias+residual) at M = 1, 4,
-     16 in fp16 and bf16, outputs pre-filled with NaN; also every code path / split mode at one shape, and that
-     the serial and two-pass split-K reductions agree bit for bit. Max relative error must be <= 1e-2.
+     5, 10, 16 in fp16 and bf16, outputs pre-filled with NaN; also every code path / split mode at one shape, and
+     that the serial and two-pass split-K reductions agree bit for bit. Max relative error must be <= 1e-2.
   2. times each fused layer and the unfused PyTorch ops it replaces (and F.linear alone, i.e. cuBLAS), at
-     M = 1, 4, 16: triton.testing.do_bench (median; it flushes L2 before every call) and inside a CUDA graph
+     M = 1, 5, 10, 16 (speculative decoding verifies k = 4 proposals: 5 rows a request; 20 rows exceed the
+     fused kernel's 16, so batch 4 is timed as 16): triton.testing.do_bench (median; it flushes L2 before every call) and inside a CUDA graph
      (100 calls back to back, cycling through enough weight copies that they cannot sit in the 50 MB L2 -- as
      in the model, where every layer has its own weights). Reports us and weight bandwidth (bytes / time, and
      the fraction of 3.0 TB/s).
   3. times a whole layer's four linears (fused vs unfused; attention excluded) as 48 layers in one CUDA graph,
-     i.e. the projected decode-step total of GPT-2 XL's linears.
-  4. unless --no-sweep, sweeps tile configs (path, BLOCK_N, BLOCK_K, num_warps, num_stages), then split-K count /
-     mode / eviction hint for the best, per layer at M = 1 and 16 (and 4 if budget is left), under a compile-time
-     budget; prints the best per shape and a TUNED_CONFIGS dict to paste into kernels/decode_linear.py.
+     i.e. the projected decode-step total of GPT-2 XL's linears, at M = 1, 4, 5, 10, 16; for M > 1 also the
+     batched path's two-pass reduction and the older "dot" path. Reports ms per 48 layers and the fraction of the
+     weight-read floor (this script's: the linears' bytes at 3.0 TB/s; and the whole model's 1.04 ms).
+  4. unless --no-sweep, sweeps tile configs (BLOCK_N, BLOCK_K, num_warps, num_stages), then split-K count /
+     mode / eviction hint for the best, per layer at M = 5 (the batched path, bucket 16) and then M = 4 (and,
+     with --sweep-m1, first M = 1 over the fma and dot paths), under a compile-time budget; prints the best per
+     shape and a TUNED_CONFIGS dict to paste into kernels/decode_linear.py.
 Prints a table; --out writes everything as JSON. Exit status 1 if a correctness check fails.
 --small shrinks the shapes so the script runs on a CPU under TRITON_INTERPRET=1 (a smoke test of the script;
 its timings mean nothing).
@@ -51,8 +55,11 @@ from kernels import decode_linear as dl  # noqa: E402
 PEAK_BYTES_PER_S = 3.0e12  # H100 SXM, measured copy bandwidth
 L2_DEFEAT_BYTES = 200e6  # weight copies per timed graph: ~4x the H100's 50 MB L2
 TOL = 1e-2
-MS = (1, 4, 16)
+MS = (1, 4, 5, 10, 16)  # correctness
+MS_KERNELS = (1, 5, 10, 16)  # per-kernel timing; 20 rows (batch 4 x 5) exceed MAX_M: timed as 16
+MS_LAYER = (1, 4, 5, 10, 16)  # 48-layer timing (4 and 16: the rows of the earlier results)
 N_LAYERS = 48
+MODEL_FLOOR_MS = 1.04  # GPT-2 XL's 3.1 GB of weights at 3.0 TB/s: a whole forward pass's weight read
 
 
 def layer_specs(small: bool) -> dict:
@@ -198,6 +205,8 @@ def check_correctness(specs, device, small) -> list[dict]:
         {"path": "dot", "split": 6, "split_mode": "two_pass"}, {"path": "fma", "split": 1},
         {"path": "fma", "split": 5, "split_mode": "serial"}, {"path": "fma", "split": 5, "split_mode": "two_pass"},
         {"path": "fma", "split": 3, "prefetch": False}, {"path": "dot", "split": 4, "w_evict": ""},
+        {"path": "batched", "split": 1}, {"path": "batched", "split": 6, "split_mode": "serial"},
+        {"path": "batched", "split": 6, "split_mode": "two_pass"},
     ]
     for cfg in variants:
         m = 1 if cfg["path"] == "fma" else 5
@@ -216,7 +225,7 @@ def check_correctness(specs, device, small) -> list[dict]:
 def bench_kernels(specs, device, dtype, small) -> list[dict]:
     rows = []
     for name, (k, n, flags) in specs.items():
-        for m in MS:
+        for m in MS_KERNELS:
             copies = copies_for(n * k * torch.tensor([], dtype=dtype).element_size(), small)
             p = Problem(k, n, flags, m, dtype, device, copies=copies)
             wb = p.weight_bytes
@@ -256,26 +265,26 @@ def bench_layer(specs, device, dtype, small) -> list[dict]:
                                 ln_b=rnd(k, scale=0.1) if f["ln"] else None)
                      for name, (k, n, f) in specs.items()})
     rows = []
-    for m in MS:
+    for m in MS_LAYER:
         h_bufs = [rnd(m, k_h), torch.empty(m, k_h, dtype=dtype, device=device)]
         attn = rnd(m, k_h)  # stand-in for the attention output
         qkv = torch.empty(m, specs["c_attn"][1], dtype=dtype, device=device)
         h1 = torch.empty(m, k_h, dtype=dtype, device=device)
         fc = torch.empty(m, specs["c_fc"][1], dtype=dtype, device=device)
 
-        def fused_layer(i):
+        def fused_layer(i, cfg=None):
             s = sets[i % n_sets]
             h_in, h_out = h_bufs[i % 2], h_bufs[(i + 1) % 2]
             a, p, f, p2 = s["c_attn"], s["attn.c_proj"], s["c_fc"], s["mlp.c_proj"]
-            dl.fused_linear(h_in, a["w"], a["b"], ln_weight=a["ln_w"], ln_bias=a["ln_b"], out=qkv)
-            dl.fused_linear(attn, p["w"], p["b"], residual=h_in, out=h1)
+            dl.fused_linear(h_in, a["w"], a["b"], ln_weight=a["ln_w"], ln_bias=a["ln_b"], out=qkv, config=cfg)
+            dl.fused_linear(attn, p["w"], p["b"], residual=h_in, out=h1, config=cfg)
             dl.fused_linear(h1, f["w"], f["b"], ln_weight=f["ln_w"], ln_bias=f["ln_b"], activation="gelu_tanh",
-                            out=fc)
-            dl.fused_linear(fc, p2["w"], p2["b"], residual=h1, out=h_out)
+                            out=fc, config=cfg)
+            dl.fused_linear(fc, p2["w"], p2["b"], residual=h1, out=h_out, config=cfg)
 
-        def fused_stack():
+        def fused_stack(cfg=None):
             for i in range(N_LAYERS):
-                fused_layer(i)
+                fused_layer(i, cfg)
 
         def unfused_layer(i, h_in):
             s = sets[i % n_sets]
@@ -291,18 +300,29 @@ def bench_layer(specs, device, dtype, small) -> list[dict]:
             for i in range(n_layers):
                 h = unfused_layer(i, h)
 
-        rec = dict(M=m, dtype=str(dtype).replace("torch.", ""), layer_weight_bytes=layer_bytes, layers=N_LAYERS)
+        rec = dict(M=m, dtype=str(dtype).replace("torch.", ""), layer_weight_bytes=layer_bytes, layers=N_LAYERS,
+                   path=dl.resolve_config(m, specs["c_attn"][1], k_h, device)["path"])
+
+        def time_stack(cfg=None):
+            if torch.cuda.is_available():
+                return time_graph([lambda: fused_stack(cfg)], n_calls=1, replays=20)
+            return time_do_bench(lambda: [fused_layer(i, cfg) for i in range(2)]) * N_LAYERS / 2  # interpreter
+
+        fused_us = time_stack()
         if torch.cuda.is_available():
-            fused_us = time_graph([fused_stack], n_calls=1, replays=20)
             unfused_us = time_graph([unfused_stack], n_calls=1, replays=20)
         else:  # interpreter: two layers, scaled
-            fused_us = time_do_bench(lambda: [fused_layer(i) for i in range(2)]) * N_LAYERS / 2
             unfused_us = time_do_bench(lambda: unfused_stack(2)) * N_LAYERS / 2
+        if m > 1:  # the alternatives at the same rows: batched with the atomic-free reduction, the older dot path
+            rec["batched_two_pass_48_ms"] = time_stack({"path": "batched", "split_mode": "two_pass"}) / 1e3
+            rec["dot_48_ms"] = time_stack({"path": "dot"}) / 1e3
         rec.update(fused_48_ms=fused_us / 1e3, unfused_48_ms=unfused_us / 1e3,
                    fused_layer_us=fused_us / N_LAYERS, unfused_layer_us=unfused_us / N_LAYERS,
                    ideal_48_ms=N_LAYERS * layer_bytes / PEAK_BYTES_PER_S * 1e3,
                    speedup=unfused_us / fused_us if fused_us else None)
         rec["fused_frac_of_peak"] = rec["ideal_48_ms"] / rec["fused_48_ms"] if fused_us else None
+        rec["fused_frac_of_model_floor"] = MODEL_FLOOR_MS / rec["fused_48_ms"] if fused_us else None
+        rec["unfused_frac_of_model_floor"] = MODEL_FLOOR_MS / rec["unfused_48_ms"] if unfused_us else None
         rows.append(rec)
     return rows
 
@@ -313,11 +333,14 @@ TILE_CANDIDATES = {
     "dot": [dict(block_n=bn, block_k=bk, num_warps=nw, num_stages=ns)
             for bn, bk, nw, ns in [(64, 128, 4, 4), (64, 256, 4, 3), (64, 64, 4, 6), (128, 128, 4, 4),
                                    (128, 128, 8, 4), (32, 128, 4, 4), (32, 256, 4, 3), (64, 128, 4, 2)]],
+    "batched": [dict(block_n=bn, block_k=bk, num_warps=nw, num_stages=ns)
+                for bn, bk, nw, ns in [(64, 128, 4, 4), (64, 256, 4, 3), (32, 128, 4, 4), (32, 256, 4, 3),
+                                       (128, 128, 4, 4), (128, 128, 8, 3), (64, 64, 4, 6), (128, 64, 8, 6)]],
 }
 SPLITS = (1, 2, 3, 4, 6, 8, 12, 16)
 
 
-def sweep(specs, device, dtype, budget_s, small) -> tuple[list[dict], dict]:
+def sweep(specs, device, dtype, budget_s, small, with_m1=False) -> tuple[list[dict], dict]:
     """Graph-timed sweep. Stage 1: tile configs with the automatic split; stage 2: split count, split mode,
     eviction hint (and prefetch for fma) around the stage-1 winner. Stops when the budget is spent."""
     t_end = time.perf_counter() + budget_s
@@ -331,8 +354,10 @@ def sweep(specs, device, dtype, budget_s, small) -> tuple[list[dict], dict]:
             print(f"  config {cfg} failed: {type(exc).__name__}: {str(exc)[:120]}")
             return float("inf")
 
-    # M=1 then M=16 per layer: the dot binaries compiled for M=1 serve M=16 too (M is not specialised).
-    plan = [(name, m) for name in specs for m in (1, 16)] + [(name, 4) for name in specs]
+    # M=5 (speculative verify; the batched path, bucket 16) per layer, then M=4 (bucket 4) re-timing M=5's best
+    # tiles; M=1 (fma / dot, already tuned) only on request. M is not specialised, so binaries are shared.
+    plan = ([(name, 1) for name in specs] if with_m1 else []) + [(name, 5) for name in specs]
+    plan += [(name, 4) for name in specs]
     for name, m in plan:
         if time.perf_counter() > t_end:
             print(f"sweep budget spent; skipped {name} M={m} and later")
@@ -341,9 +366,9 @@ def sweep(specs, device, dtype, budget_s, small) -> tuple[list[dict], dict]:
         probe_bytes = n * k * torch.tensor([], dtype=dtype).element_size()
         copies = copies_for(probe_bytes, small)
         p = Problem(k, n, flags, m, dtype, device, copies=copies)
-        paths = ["fma", "dot"] if m == 1 else ["dot"]
-        if m == 4 and (name, 16) in best:  # only re-time M=16's three best tiles
-            cands = [r["config"] for r in sorted((r for r in results if r["layer"] == name and r["M"] == 16
+        paths = ["fma", "dot"] if m == 1 else ["batched"]
+        if m == 4 and (name, 5) in best:  # only re-time M=5's three best tiles
+            cands = [r["config"] for r in sorted((r for r in results if r["layer"] == name and r["M"] == 5
                                                   and isinstance(r["config"], dict)), key=lambda r: r["us"])[:3]]
         else:
             cands = [{"path": path, **t} for path in paths for t in TILE_CANDIDATES[path]]
@@ -385,9 +410,9 @@ def sweep(specs, device, dtype, budget_s, small) -> tuple[list[dict], dict]:
         print(f"  sweep {name:12} M={m:2d}: default {default_us:7.2f} us, best {us_best:7.2f} us "
               f"({best[(name, m)]['gbs']} GB/s) {resolved}")
         del p
-    tuned = {(b["K"], b["N"], m): b["config"] for (name, m), b in best.items()}
-    if not any(m == 4 for _, m in best):  # bucket 4 not swept: M=16's winner has the same tile shape
-        tuned.update({(b["K"], b["N"], 4): b["config"] for (name, m), b in best.items() if m == 16})
+    tuned = {(b["K"], b["N"], dl._m_bucket(m)): b["config"] for (name, m), b in best.items()}
+    if not any(m == 4 for _, m in best):  # bucket 4 not swept: M=5's winner has the same tile shape
+        tuned.update({(b["K"], b["N"], 4): b["config"] for (name, m), b in best.items() if m == 5})
     return results, tuned
 
 
@@ -399,6 +424,7 @@ def main() -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--sweep-budget-s", type=float, default=70.0)
+    ap.add_argument("--sweep-m1", action="store_true", help="also sweep M=1 (fma / dot paths)")
     ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
     ap.add_argument("--small", action="store_true", help="tiny shapes (CPU smoke test under the interpreter)")
     args = ap.parse_args()
@@ -442,7 +468,7 @@ def main() -> int:
 
     if not args.no_sweep:
         print(f"== sweep (budget {args.sweep_budget_s:.0f} s)")
-        results, tuned = sweep(specs, device, dtype, args.sweep_budget_s, args.small)
+        results, tuned = sweep(specs, device, dtype, args.sweep_budget_s, args.small, args.sweep_m1)
         report["sweep"] = results
         report["suggested_tuned_configs"] = {str(key): v for key, v in tuned.items()}
         dump()
@@ -460,10 +486,15 @@ def main() -> int:
     print("(us per call; G = 100 calls in one CUDA graph, L2 defeated; cuBLAS = F.linear alone, no bias/LN/...)")
     print()
     for r in layers:
-        print(f"{N_LAYERS} layers of linears, M={r['M']:2d}: fused {r['fused_48_ms']:.3f} ms "
+        print(f"{N_LAYERS} layers of linears, M={r['M']:2d} ({r['path']}): fused {r['fused_48_ms']:.3f} ms "
               f"({r['fused_layer_us']:.1f} us/layer), unfused {r['unfused_48_ms']:.3f} ms "
               f"({r['unfused_layer_us']:.1f} us/layer), speedup {r['speedup'] or 0:.2f}x; "
-              f"weight-read floor {r['ideal_48_ms']:.3f} ms ({(r['fused_frac_of_peak'] or 0) * 100:.0f}% of it)")
+              f"weight-read floor {r['ideal_48_ms']:.3f} ms ({(r['fused_frac_of_peak'] or 0) * 100:.0f}% of it), "
+              f"model floor {MODEL_FLOOR_MS} ms: fused {(r['fused_frac_of_model_floor'] or 0) * 100:.0f}%, "
+              f"unfused {(r['unfused_frac_of_model_floor'] or 0) * 100:.0f}%")
+        if "dot_48_ms" in r:
+            print(f"      alternatives at M={r['M']:2d}: batched two-pass {r['batched_two_pass_48_ms']:.3f} ms, "
+                  f"old dot path {r['dot_48_ms']:.3f} ms")
     if "suggested_tuned_configs" in report:
         print("\n# sweep winners -> paste into kernels/decode_linear.py (key: (K, N, m_bucket)):")
         print("TUNED_CONFIGS = {")

@@ -21,8 +21,13 @@ Work decomposition (``W`` is ``[N, K]``, the ``F.linear`` layout, so each output
     - ``split_mode="two_pass"``: a second small kernel does that sum + epilogue. Simpler memory-ordering story,
       one more launch.
   Both give bitwise-identical results (same summation order, same epilogue code).
-* The product itself has two code paths (``path``):
-    - ``"dot"``: ``tl.dot(W_tile [BLOCK_N, BLOCK_K], xT [BLOCK_K, 16])`` -- the small batch is padded to the 16
+* The product itself has three code paths (``path``):
+    - ``"batched"`` (the default for 1 < M <= 16): like ``"dot"`` below, one weight tile read once for all rows,
+      but LayerNorm is folded out of the K loop (no statistics pass before it; see the comment above
+      ``_batched_linear_kernel``), x / gamma / beta are fetched a chunk ahead, and the LN statistics and the
+      per-split partials go to a per-split buffer, reduced in split order by the last arriving split
+      ("serial") or by a second kernel with no atomics at all ("two_pass").
+    - ``"dot"`` (opt-in for M > 1 since "batched"): ``tl.dot(W_tile [BLOCK_N, BLOCK_K], xT [BLOCK_K, 16])`` -- the small batch is padded to the 16
       columns the tensor cores need (the wasted MMA work is free; the kernel is memory bound). The weight tile is
       the MMA's "A" side, so the large dimension feeds the instruction's M=64 rows ("swap AB").
     - ``"fma"`` (M == 1 only): broadcast-multiply into a ``[BLOCK_N, BLOCK_K]`` fp32 register accumulator, reduced
@@ -61,26 +66,33 @@ DOT_CONFIG = {"path": "dot", "block_n": 64, "block_k": 128, "num_warps": 4, "num
 # shuffle per chunk); few rows per tile then give enough programs without split-K.
 FMA_CONFIG = {"path": "fma", "block_n": 4, "block_k": 1024, "num_warps": 4, "num_stages": 1,
               "split": "auto", "split_mode": "serial", "w_evict": "evict_first", "prefetch": True}
+# batched: the default for 1 < M <= 16 (see _batched_linear_kernel). Untuned starting point: a 64-row weight tile
+# is the MMA's natural A operand; split-K fills the SMs.
+BATCHED_CONFIG = {"path": "batched", "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 4,
+                  "split": "auto", "split_mode": "serial", "w_evict": "evict_first"}
+_PATH_DEFAULTS = {"dot": DOT_CONFIG, "fma": FMA_CONFIG, "batched": BATCHED_CONFIG}
 # Per-shape overrides, keyed (K, N, m_bucket) with m_bucket in (1, 4, 16): the smallest bucket >= M.
-# Filled from the GPU sweep (the benchmark prints this dict).
+# Filled from the GPU sweep (the benchmark prints this dict). The sweep's old M = 4 / 16 winners were "dot"-path
+# configs (the path M > 1 used before "batched"); they are gone until the batched path has its own sweep.
 TUNED_CONFIGS: dict[tuple[int, int, int], dict] = {
     # Sweep winners on an H100 (benchmarks/decode_linear_gpu.py, benchmarks/results/2026-11-24_decode-linear_H100.json).
     (1600, 4800, 1): {'path': 'fma', 'block_n': 8, 'block_k': 512, 'num_warps': 2, 'num_stages': 1, 'split': 1, 'split_mode': 'serial', 'w_evict': 'evict_first', 'prefetch': False},
     (1600, 1600, 1): {'path': 'fma', 'block_n': 2, 'block_k': 1024, 'num_warps': 4, 'num_stages': 1, 'split': 1, 'split_mode': 'serial', 'w_evict': 'evict_first', 'prefetch': True},
     (1600, 6400, 1): {'path': 'fma', 'block_n': 16, 'block_k': 256, 'num_warps': 4, 'num_stages': 1, 'split': 1, 'split_mode': 'two_pass', 'w_evict': 'evict_first', 'prefetch': True},
     (6400, 1600, 1): {'path': 'fma', 'block_n': 2, 'block_k': 1024, 'num_warps': 4, 'num_stages': 1, 'split': 1, 'split_mode': 'serial', 'w_evict': 'evict_first', 'prefetch': True},
-    (1600, 4800, 4): {'path': 'dot', 'block_n': 32, 'block_k': 256, 'num_warps': 4, 'num_stages': 3, 'split': 1, 'split_mode': 'serial', 'w_evict': ''},
-    (1600, 1600, 4): {'path': 'dot', 'block_n': 32, 'block_k': 128, 'num_warps': 4, 'num_stages': 4, 'split': 1, 'split_mode': 'serial', 'w_evict': 'evict_first'},
-    (1600, 6400, 4): {'path': 'dot', 'block_n': 32, 'block_k': 256, 'num_warps': 4, 'num_stages': 3, 'split': 1, 'split_mode': 'two_pass', 'w_evict': 'evict_first'},
-    (6400, 1600, 4): {'path': 'dot', 'block_n': 32, 'block_k': 256, 'num_warps': 4, 'num_stages': 3, 'split': 5, 'split_mode': 'serial', 'w_evict': 'evict_first'},
-    (1600, 4800, 16): {'path': 'dot', 'block_n': 32, 'block_k': 256, 'num_warps': 4, 'num_stages': 3, 'split': 1, 'split_mode': 'serial', 'w_evict': 'evict_first'},
-    (1600, 1600, 16): {'path': 'dot', 'block_n': 32, 'block_k': 128, 'num_warps': 4, 'num_stages': 4, 'split': 1, 'split_mode': 'serial', 'w_evict': 'evict_first'},
-    (1600, 6400, 16): {'path': 'dot', 'block_n': 32, 'block_k': 256, 'num_warps': 4, 'num_stages': 3, 'split': 1, 'split_mode': 'serial', 'w_evict': 'evict_first'},
-    (6400, 1600, 16): {'path': 'dot', 'block_n': 32, 'block_k': 128, 'num_warps': 4, 'num_stages': 4, 'split': 5, 'split_mode': 'serial', 'w_evict': ''},
+    # Small-M ("batched") winners, swept at M = 4 and M = 5 (benchmarks/results/2026-11-24_decode-linear-batched_H100.json).
+    (1600, 4800, 4): {'path': 'batched', 'block_n': 32, 'block_k': 128, 'num_warps': 4, 'num_stages': 4, 'split': 1, 'split_mode': 'two_pass', 'w_evict': 'evict_first'},
+    (1600, 1600, 4): {'path': 'batched', 'block_n': 64, 'block_k': 128, 'num_warps': 4, 'num_stages': 4, 'split': 4, 'split_mode': 'serial', 'w_evict': 'evict_first'},
+    (1600, 6400, 4): {'path': 'batched', 'block_n': 32, 'block_k': 128, 'num_warps': 4, 'num_stages': 4, 'split': 1, 'split_mode': 'two_pass', 'w_evict': 'evict_first'},
+    (6400, 1600, 4): {'path': 'batched', 'block_n': 32, 'block_k': 256, 'num_warps': 4, 'num_stages': 3, 'split': 5, 'split_mode': 'serial', 'w_evict': ''},
+    (1600, 4800, 16): {'path': 'batched', 'block_n': 32, 'block_k': 128, 'num_warps': 4, 'num_stages': 4, 'split': 1, 'split_mode': 'serial', 'w_evict': 'evict_first'},
+    (1600, 1600, 16): {'path': 'batched', 'block_n': 64, 'block_k': 128, 'num_warps': 4, 'num_stages': 4, 'split': 4, 'split_mode': 'serial', 'w_evict': 'evict_first'},
+    (1600, 6400, 16): {'path': 'batched', 'block_n': 32, 'block_k': 128, 'num_warps': 4, 'num_stages': 4, 'split': 1, 'split_mode': 'serial', 'w_evict': ''},
+    (6400, 1600, 16): {'path': 'batched', 'block_n': 32, 'block_k': 256, 'num_warps': 4, 'num_stages': 3, 'split': 5, 'split_mode': 'serial', 'w_evict': ''},
 }
 
 # Split-K heuristic: aim for this many programs per SM (memory-level parallelism) ...
-SPLIT_TARGET_PROGRAMS_PER_SM = {"dot": 2, "fma": 4}
+SPLIT_TARGET_PROGRAMS_PER_SM = {"dot": 2, "fma": 4, "batched": 2}
 # ... but give every split at least this many K columns (below that the partial round trip costs more) ...
 SPLIT_MIN_K = 256
 SPLIT_MAX = 16
@@ -306,13 +318,204 @@ def _splitk_reduce_kernel(ws_ptr, bias_ptr, res_ptr, out_ptr, M, N, n_splits, st
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# "batched" path (1 < M <= 16): one weight tile, read once, serves every row, and the LayerNorm is folded out of
+# the K loop.
+#
+# Why a second tile kernel: the "dot" path above scales badly with rows (H100, CUDA graphs: c_attn 10 us at M=1,
+# 23 us at M=4; c_fc 13 -> 26 us), and the slowdown is all in its LayerNorm layers (the others stay near cuBLAS).
+# Every one of its programs first runs a full pass over x for the row statistics -- a chain of dependent L2 loads
+# that Triton does not pipeline, during which that program streams no weights -- and then normalises each x
+# chunk with the mean/rstd in hand. This path needs no statistics before the loop, by linearity:
+#
+#   LN(x)_k = (x_k - mu) * r * g_k + b_k,   so   y_n = r * (sum_k W_nk g_k (x_k - s) - (mu - s) * sum_k W_nk g_k)
+#                                                    + sum_k W_nk b_k
+#
+# for any per-row shift s. The MMA's B operand carries g_k * (x_k - s) in columns 0..M-1, g_k in column M and b_k
+# in column M+1 (columns the padding to 16 leaves free; M > 14 pads to 32 instead), so one tl.dot per chunk yields
+# the three sums, while the same loop accumulates sum(x - s) and sum((x - s)^2) from the x chunk it already holds.
+# mu and r are applied once, in the epilogue. Under split-K each split sums its own K range and writes its partial
+# tile plus its two statistics; the reduction adds them in split order (deterministic) before that epilogue.
+#
+# s is the mean of the row's first chunk (the same value in every program, so splits combine), close to mu: the
+# operand g_k * (x_k - s) then has the magnitude of the centred input, and its rounding to fp16/bf16 costs what
+# rounding LN's output costs in the unfused path (s = x_0 alone would be poor when x_0 is an outlier feature).
+# Statistics accumulate in fp32 around that shift, so E[d^2] - E[d]^2 does not cancel.
+
+
+@triton.jit
+def _load_k_vec(ptr, c, K, BLOCK_K: tl.constexpr):
+    """Chunk c of a [K] vector (LN gamma / beta) as fp32; 0 past K, so padded columns contribute nothing."""
+    offs_k = c * BLOCK_K + tl.arange(0, BLOCK_K)
+    return tl.load(ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _ln_unfold(acc, s1, s2, cols, M, K, eps):
+    """acc [BLOCK_N, BLOCK_M]: columns < M hold sum_k W g (x - s), column M sum_k W g, column M+1 sum_k W b;
+    s1 / s2 [BLOCK_M]: sum (x - s), sum (x - s)^2 over all K. Returns LN(x) @ W.T for columns < M (fp32)."""
+    gw = tl.sum(tl.where(cols[None, :] == M, acc, 0.0), axis=1)
+    bw = tl.sum(tl.where(cols[None, :] == M + 1, acc, 0.0), axis=1)
+    mean_d = s1 / K  # mu - s
+    rstd = 1.0 / tl.sqrt(tl.maximum(s2 / K - mean_d * mean_d, 0.0) + eps)
+    return rstd[None, :] * (acc - mean_d[None, :] * gw[:, None]) + bw[:, None]
+
+
+@triton.jit
+def _sum_partials(ws_ptr, st_ptr, tile, n_tiles, n_splits, offs_n, cols, MC, N,
+                  HAS_LN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Sum the splits' partial tiles (and LN statistics) of N tile ``tile``, in split order."""
+    mask = (offs_n < N)[:, None] & (cols < MC)[None, :]
+    ptrs = ws_ptr + cols[None, :] * N + offs_n[:, None]
+    total = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    s1 = tl.zeros([BLOCK_M], dtype=tl.float32)
+    s2 = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for s in range(0, n_splits):
+        # .cg: read L2, never an L1 line cached before another program wrote the partial.
+        total += tl.load(ptrs + s * MC * N, mask=mask, other=0.0, cache_modifier=".cg")
+        if HAS_LN:
+            st = st_ptr + ((s * n_tiles + tile) * 2) * BLOCK_M + cols
+            s1 += tl.load(st, cache_modifier=".cg")
+            s2 += tl.load(st + BLOCK_M, cache_modifier=".cg")
+    return total, s1, s2
+
+
+@triton.jit(do_not_specialize=["M"])
+def _batched_linear_kernel(
+    x_ptr, w_ptr, bias_ptr, lnw_ptr, lnb_ptr, res_ptr, out_ptr, ws_ptr, st_ptr, cnt_ptr,
+    M, N, K, ln_eps,
+    stride_xm, stride_wn, stride_rm, stride_om,
+    HAS_BIAS: tl.constexpr, HAS_LN: tl.constexpr, HAS_LN_BIAS: tl.constexpr,
+    ACT_GELU: tl.constexpr, HAS_RES: tl.constexpr,
+    SPLIT_MODE: tl.constexpr,  # 0: no split-K; 1: serial (last arriver reduces); 2: partials only (two-pass)
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+    W_EVICT: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    n_tiles = tl.num_programs(0)
+    n_splits = tl.num_programs(1)
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_M)
+    # Clamped, as in the dot path: the main loop's weight and x loads need no row predicate.
+    rows_w = tl.minimum(offs_n, N - 1).to(tl.int64)
+    w_row_ptr = w_ptr + rows_w[:, None] * stride_wn  # [BLOCK_N, 1]
+    x_col_ptr = x_ptr + tl.minimum(cols, M - 1)[None, :] * stride_xm  # [1, BLOCK_M]: x^T's columns
+
+    n_chunks = tl.cdiv(K, BLOCK_K)
+    c_lo = pid_s * n_chunks // n_splits
+    c_hi = (pid_s + 1) * n_chunks // n_splits
+
+    if HAS_LN:
+        # The shift: mean of each row's first chunk (one L2 read, identical in every program).
+        x0 = _load_x_chunk(x_col_ptr, 0, K, 0, BLOCK_K, EVEN_K)
+        shift = tl.sum(x0, axis=0) / tl.minimum(K, BLOCK_K)  # [BLOCK_M]
+        s1 = tl.zeros([BLOCK_K, BLOCK_M], dtype=tl.float32)  # element-wise; reduced once after the loop
+        s2 = tl.zeros([BLOCK_K, BLOCK_M], dtype=tl.float32)
+        is_x = cols[None, :] < M
+        is_g = cols[None, :] == M
+
+    # Triton's pipeliner stages the weight loads (they feed tl.dot directly) but not x / gamma / beta, whose
+    # values pass through arithmetic first; so those are requested one chunk ahead by hand. The request after
+    # the last chunk re-reads the last chunk (clamped: an in-bounds L2 hit, no predicate needed).
+    xt_next = _load_x_chunk(x_col_ptr, c_lo, K, 0, BLOCK_K, EVEN_K)
+    if HAS_LN:
+        g_next = _load_k_vec(lnw_ptr, c_lo, K, BLOCK_K)
+        if HAS_LN_BIAS:
+            b_next = _load_k_vec(lnb_ptr, c_lo, K, BLOCK_K)
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    for c in range(c_lo, c_hi):
+        c_next = tl.minimum(c + 1, n_chunks - 1)
+        xt = xt_next
+        xt_next = _load_x_chunk(x_col_ptr, c_next, K, 0, BLOCK_K, EVEN_K)
+        w = _load_w_chunk(w_row_ptr, c, K, 0, False, BLOCK_K, EVEN_K, W_EVICT)
+        if HAS_LN:
+            g = g_next
+            g_next = _load_k_vec(lnw_ptr, c_next, K, BLOCK_K)
+            d = xt - shift[None, :]
+            if not EVEN_K:  # x past K reads 0, which is not 0 after the shift
+                d = tl.where((c * BLOCK_K + tl.arange(0, BLOCK_K) < K)[:, None], d, 0.0)
+            s1 += d
+            s2 += d * d
+            if HAS_LN_BIAS:
+                b = b_next
+                b_next = _load_k_vec(lnb_ptr, c_next, K, BLOCK_K)
+                extra = tl.where(is_g, g[:, None], b[:, None])
+            else:
+                extra = tl.where(is_g, g[:, None], 0.0)
+            bt = tl.where(is_x, d * g[:, None], extra)
+        else:
+            bt = xt
+        acc += tl.dot(w, bt.to(w.dtype), input_precision=DOT_PRECISION)
+
+    if HAS_LN:
+        s1r = tl.sum(s1, axis=0)
+        s2r = tl.sum(s2, axis=0)
+    else:
+        s1r = tl.zeros([BLOCK_M], dtype=tl.float32)
+        s2r = s1r
+    if SPLIT_MODE == 0:
+        if HAS_LN:
+            acc = _ln_unfold(acc, s1r, s2r, cols, M, K, ln_eps)
+        _epilogue(acc, offs_n, cols, N, M, bias_ptr, res_ptr, out_ptr, stride_rm, stride_om,
+                  HAS_BIAS, ACT_GELU, HAS_RES)
+    else:
+        # Partial tile -> workspace [S, MC, N] (MC = M, plus the two LN sums' columns), statistics -> [S, tiles,
+        # 2, BLOCK_M] (one slot per program: no two programs write the same address).
+        MC = M + 2 if HAS_LN else M
+        ws_mask = (offs_n < N)[:, None] & (cols < MC)[None, :]
+        tl.store(ws_ptr + pid_s * MC * N + cols[None, :] * N + offs_n[:, None], acc, mask=ws_mask)
+        if HAS_LN:
+            st = st_ptr + ((pid_s * n_tiles + pid_n) * 2) * BLOCK_M + cols
+            tl.store(st, s1r)
+            tl.store(st + BLOCK_M, s2r)
+        if SPLIT_MODE == 1:
+            # Same protocol as _fused_linear_kernel: barrier + gpu-scope acq_rel counter; the last arriver sums
+            # in split order, finishes and re-arms the counter.
+            tl.debug_barrier()
+            arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+            if arrived == n_splits - 1:
+                total, t1, t2 = _sum_partials(ws_ptr, st_ptr, pid_n, n_tiles, n_splits, offs_n, cols, MC, N,
+                                              HAS_LN, BLOCK_M, BLOCK_N)
+                if HAS_LN:
+                    total = _ln_unfold(total, t1, t2, cols, M, K, ln_eps)
+                _epilogue(total, offs_n, cols, N, M, bias_ptr, res_ptr, out_ptr, stride_rm, stride_om,
+                          HAS_BIAS, ACT_GELU, HAS_RES)
+                tl.atomic_xchg(cnt_ptr + pid_n, 0)
+
+
+@triton.jit
+def _batched_reduce_kernel(ws_ptr, st_ptr, bias_ptr, res_ptr, out_ptr, M, N, K, ln_eps, n_splits,
+                           stride_rm, stride_om,
+                           HAS_BIAS: tl.constexpr, HAS_LN: tl.constexpr, ACT_GELU: tl.constexpr,
+                           HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """split_mode="two_pass" of the batched path: no atomics at all. Same tiles as the main kernel (the
+    statistics slots are per tile), same summation order and epilogue as the serial mode: identical bits."""
+    pid_n = tl.program_id(0)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_M)
+    MC = M + 2 if HAS_LN else M
+    total, s1, s2 = _sum_partials(ws_ptr, st_ptr, pid_n, tl.num_programs(0), n_splits, offs_n, cols, MC, N,
+                                  HAS_LN, BLOCK_M, BLOCK_N)
+    if HAS_LN:
+        total = _ln_unfold(total, s1, s2, cols, M, K, ln_eps)
+    _epilogue(total, offs_n, cols, N, M, bias_ptr, res_ptr, out_ptr, stride_rm, stride_om,
+              HAS_BIAS, ACT_GELU, HAS_RES)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Host side
 
 
 # Rows up to which the model routes a linear layer through ``fused_linear``. Measured on an H100 inside CUDA
 # graphs (benchmarks/results/2026-11-24_decode-linear_H100.json): GPT-2 XL's 48 layers of linears take 1.83 ms
-# fused against 2.58 ms unfused at 1 row, but 3.40 against 2.60 at 4 rows and 3.77 against 2.62 at 16.
-MODEL_MAX_ROWS = 1
+# fused against 2.58 ms unfused at 1 row, but 3.40 against 2.60 at 4 rows and 3.77 against 2.62 at 16 -- with
+# the "dot" path, before the "batched" path existed. The batched path (LayerNorm folded out of the K loop) then
+# measured 2.35 against 2.64 ms at 5 rows and 2.39 against 2.62 at 10 (untuned; the tuned per-layer configs above
+# add ~10 %), but 2.86 against 2.61 at 16 (benchmarks/results/2026-11-24_decode-linear-batched_H100.txt): the
+# model uses it up to 10 rows, which covers a speculative verify step (k + 1 = 5 rows a request) at batch 1 and 2.
+MODEL_MAX_ROWS = 10
 
 
 def use_fused_linear(m: int, device) -> bool:
@@ -378,14 +581,14 @@ def resolve_config(m: int, n: int, k: int, device, config: dict | None = None) -
     config = dict(config or {})
     tuned = TUNED_CONFIGS.get((k, n, _m_bucket(m)))
     if "path" in config or tuned is None:  # an explicit path starts from that path's defaults, not the table
-        path = config.get("path") or ("fma" if m == 1 else "dot")
-        base = FMA_CONFIG if path == "fma" else DOT_CONFIG
+        path = config.get("path") or ("fma" if m == 1 else "batched")
+        base = _PATH_DEFAULTS[path]
     else:
         base = tuned
     cfg = {**base, **config}
     if cfg["path"] == "fma" and m != 1:  # the register-accumulator path handles one row only
-        cfg = {**DOT_CONFIG, **{key: v for key, v in config.items() if key != "path"}, "path": "dot"}
-    if cfg["path"] == "dot":  # tl.dot needs every tile dimension >= 16
+        cfg = {**BATCHED_CONFIG, **{key: v for key, v in config.items() if key != "path"}, "path": "batched"}
+    if cfg["path"] in ("dot", "batched"):  # tl.dot needs every tile dimension >= 16
         cfg["block_n"] = max(16, cfg["block_n"])
         cfg["block_k"] = max(16, cfg["block_k"])
     tiles = triton.cdiv(n, cfg["block_n"])
@@ -447,6 +650,10 @@ def fused_linear(
         assert t is None or (t.shape == (size,) and t.is_contiguous()), f"{name} must be contiguous [{size}]"
 
     cfg = resolve_config(m, n, k, x.device, config)
+    if cfg["path"] == "batched":
+        _launch_batched(x2, weight, bias, ln_weight, ln_bias, ln_eps, activation, res2 if residual is not None
+                        else None, out2, cfg)
+        return out
     use_dot = cfg["path"] == "dot"
     block_m = 16 if use_dot else 1  # the dot path pads the batch to the MMA's minimum of 16 columns
     block_n, block_k, split = cfg["block_n"], cfg["block_k"], cfg["split"]
@@ -491,6 +698,57 @@ def fused_linear(
             BLOCK_M=16, BLOCK_N=rb, num_warps=4,
         )
     return out
+
+
+def _launch_batched(x2, weight, bias, ln_weight, ln_bias, ln_eps, activation, res2, out2, cfg) -> None:
+    """The "batched" path's launch(es): the main kernel, plus the reduce kernel in two-pass split-K mode."""
+    m, k = x2.shape
+    n = weight.shape[0]
+    has_ln = ln_weight is not None
+    mc = m + 2 if has_ln else m  # columns of the MMA's B operand in use (x rows, then gamma and beta sums)
+    block_m = 16 if mc <= 16 else 32
+    block_n, block_k, split = cfg["block_n"], cfg["block_k"], cfg["split"]
+    tiles = triton.cdiv(n, block_n)
+    ws = st = cnt = None
+    split_mode = 0
+    if split > 1:
+        # Partials [S, mc, N], then the LN statistics [S, tiles, 2, block_m].
+        st_elems = split * tiles * 2 * block_m if has_ln else 0
+        scratch = _scratch(x2.device, split * mc * n + st_elems, tiles)
+        if scratch is None:  # graph capture found the cache too small: correct, just not split
+            split = 1
+        else:
+            ws_all, cnt = scratch
+            ws = ws_all[: split * mc * n]
+            st = ws_all[split * mc * n:]
+            split_mode = 1 if cfg["split_mode"] == "serial" else 2
+    dummy = out2  # pointers of disabled features are never dereferenced
+    common = dict(HAS_BIAS=bias is not None, HAS_LN=has_ln, ACT_GELU=activation is not None,
+                  HAS_RES=res2 is not None, BLOCK_M=block_m, BLOCK_N=block_n)
+    res_stride = res2.stride(0) if res2 is not None else 0
+    _batched_linear_kernel[(tiles, split)](
+        x2, weight,
+        bias if bias is not None else dummy,
+        ln_weight if has_ln else dummy,
+        ln_bias if ln_bias is not None else dummy,
+        res2 if res2 is not None else dummy,
+        out2,
+        ws if ws is not None else dummy,
+        st if st is not None and st.numel() else dummy,
+        cnt if cnt is not None else dummy,
+        m, n, k, float(ln_eps),
+        x2.stride(0), weight.stride(0), res_stride, out2.stride(0),
+        HAS_LN_BIAS=ln_bias is not None, SPLIT_MODE=split_mode,
+        DOT_PRECISION="ieee" if x2.dtype == torch.float32 else "tf32",
+        BLOCK_K=block_k, EVEN_K=k % block_k == 0, W_EVICT=cfg["w_evict"], **common,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    if split_mode == 2:
+        _batched_reduce_kernel[(tiles,)](
+            ws, st if st.numel() else dummy, bias if bias is not None else dummy,
+            res2 if res2 is not None else dummy, out2,
+            m, n, k, float(ln_eps), split, res_stride, out2.stride(0), **common, num_warps=4,
+        )
 
 
 def fused_linear_ref(

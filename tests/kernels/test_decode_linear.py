@@ -79,6 +79,12 @@ CPU_CONFIGS = {
     "fma-noprefetch-split2-two_pass": {**FMA_SMALL, "prefetch": False, "split": 2, "split_mode": "two_pass"},
 }
 COMBOS = list(itertools.product([False, True], repeat=4))  # (ln, bias, gelu, res)
+BATCHED_SMALL = {"path": "batched", "block_n": 16, "block_k": 32}
+BATCHED_CONFIGS = {
+    "batched": {**BATCHED_SMALL, "split": 1},
+    "batched-split3-serial": {**BATCHED_SMALL, "split": 3, "split_mode": "serial"},
+    "batched-split2-two_pass": {**BATCHED_SMALL, "split": 2, "split_mode": "two_pass"},
+}
 
 
 @interpreter_only
@@ -91,6 +97,73 @@ def test_every_fusion_combination(ln, bias, gelu, res):
         x, w, kwargs = _problem(m, 100, 48, ln=ln, bias=bias, gelu=gelu, res=res, seed=len(name))
         y = _run_poisoned(x, w, kwargs, cfg)
         _check(y, fused_linear_ref(x, w, **kwargs), 1e-4)
+
+
+@interpreter_only
+@pytest.mark.parametrize("ln,bias,gelu,res", COMBOS, ids=lambda v: "1" if v else "0")
+def test_batched_every_fusion_combination(ln, bias, gelu, res):
+    """The batched path (1 < M <= 16): every prologue/epilogue combination at two batch sizes, among them 15
+    and 16, where the LN sums' two extra B columns no longer fit in 16 and the tile pads to 32."""
+    i = COMBOS.index((ln, bias, gelu, res))
+    for m in ((2, 5, 10, 16)[i % 4], (3, 8, 15, 16)[(i // 4) % 4]):
+        for name, cfg in BATCHED_CONFIGS.items():
+            x, w, kwargs = _problem(m, 100, 48, ln=ln, bias=bias, gelu=gelu, res=res, seed=m + len(name))
+            y = _run_poisoned(x, w, kwargs, cfg)
+            _check(y, fused_linear_ref(x, w, **kwargs), 1e-4)
+
+
+@interpreter_only
+@pytest.mark.parametrize("m", [2, 7, 14, 16])
+def test_batched_ln_without_bias(m):
+    """LN with gamma only: the beta column of the MMA operand is all zeros."""
+    x, w, _ = _problem(m, 100, 40, ln=False, bias=False, gelu=False, res=False, seed=70 + m)
+    g = _randn(100, seed=71, scale=0.3, offset=1.0)
+    for cfg in BATCHED_CONFIGS.values():
+        y = fused_linear(x, w, ln_weight=g, ln_eps=0.25, config=cfg)
+        _check(y, fused_linear_ref(x, w, ln_weight=g, ln_eps=0.25), 1e-4)
+
+
+def test_batched_is_the_default_for_several_rows():
+    """fused_linear routes 1 < M <= 16 to the batched path and keeps the tuned fma path for M = 1; the model
+    routes up to MODEL_MAX_ROWS rows (10: where the batched path measured ahead of cuBLAS) through it."""
+    for m in (2, 5, 10, 16):
+        for k, n in ((1600, 4800), (1600, 1600), (1600, 6400), (6400, 1600), (100, 48)):
+            assert dl.resolve_config(m, n, k, DEVICE)["path"] == "batched"
+    assert dl.resolve_config(1, 4800, 1600, DEVICE)["path"] == "fma"
+    assert dl.resolve_config(5, 48, 100, DEVICE, {"path": "dot"})["path"] == "dot"  # still selectable
+    assert use_fused_linear(5, "cuda") and use_fused_linear(10, "cuda") and not use_fused_linear(11, "cuda")
+    assert not use_fused_linear(5, "cpu")
+
+
+def test_batched_split_modes_bitwise_equal_and_counters_rearmed():
+    x, w, kwargs = _problem(5, 100, 130, ln=True, bias=True, gelu=True, res=True, seed=8)
+    cfg = {**BATCHED_SMALL, "split": 4}
+    serial = fused_linear(x, w, **kwargs, config={**cfg, "split_mode": "serial"})
+    again = fused_linear(x, w, **kwargs, config={**cfg, "split_mode": "serial"})
+    two_pass = fused_linear(x, w, **kwargs, config={**cfg, "split_mode": "two_pass"})
+    assert torch.equal(serial, again) and torch.equal(serial, two_pass)
+    _check(serial, fused_linear_ref(x, w, **kwargs), 1e-4)
+    assert int(dl._COUNTERS[(x.device.type, x.device.index)].abs().sum()) == 0
+
+
+def test_batched_layernorm_offsets_and_outliers():
+    """The folded LN subtracts (mu - s) * sum(W g) in the epilogue. With a large common offset (|mean| >> std),
+    and with an outlier as the row's first element, the shift s (mean of the first chunk) stays near mu, so
+    neither the statistics nor that subtraction cancel; fp16 too, where g * (x - s) is rounded for the MMA."""
+    m, k, n = 6, 100, 24
+    g, b = _randn(k, seed=83, offset=1.0), _randn(k, seed=84)
+    w = _randn(n, k, seed=82, scale=k ** -0.5)
+    x_offset = _randn(m, k, seed=81, offset=1000.0)
+    x_outlier = _randn(m, k, seed=85)
+    x_outlier[:, 0] = 300.0
+    x_outlier[:, 57] = -200.0
+    for x in (x_offset, x_outlier):
+        for cfg in (BATCHED_SMALL, {**BATCHED_SMALL, "split": 3}):
+            _check(fused_linear(x, w, ln_weight=g, ln_bias=b, config=cfg),
+                   fused_linear_ref(x, w, ln_weight=g, ln_bias=b), 1e-4)
+    x16, w16, g16, b16 = (t.half() for t in (x_outlier, w, g, b))
+    y = fused_linear(x16, w16, ln_weight=g16, ln_bias=b16, config={**BATCHED_SMALL, "split": 2})
+    _check(y, fused_linear_ref(x16, w16, ln_weight=g16, ln_bias=b16), 1e-2)
 
 
 @interpreter_only
@@ -182,7 +255,7 @@ def test_empty_batch_predicate_and_errors():
     assert fused_linear(torch.empty(0, 40, device=DEVICE), w).shape == (0, 24)
     # The model routes only single-row steps through the kernel (MODEL_MAX_ROWS: measured faster only there).
     assert use_fused_linear(1, "cuda") and use_fused_linear(1, "cuda:0")
-    assert not use_fused_linear(2, "cuda") and not use_fused_linear(1, "cpu") and not use_fused_linear(0, "cuda")
+    assert not use_fused_linear(dl.MODEL_MAX_ROWS + 1, "cuda") and not use_fused_linear(1, "cpu") and not use_fused_linear(0, "cuda")
     with pytest.raises(AssertionError):
         fused_linear(_randn(17, 40, seed=62), w)
     with pytest.raises(ValueError):
@@ -213,6 +286,52 @@ def test_gpu_xl_shapes(layer, m, dtype):
     assert torch.isfinite(y).all()
     err = _rel_err(y, ref)
     assert err <= 1e-2, f"{layer} M={m} {dtype}: relative error {err:.3g}"
+
+
+@needs_gpu
+@pytest.mark.parametrize("layer", list(XL_LAYERS))
+@pytest.mark.parametrize("m", [2, 5, 10, 16])
+@pytest.mark.parametrize("split_mode", ["serial", "two_pass"])
+def test_gpu_batched_xl_shapes(layer, m, split_mode):
+    """The batched path at GPT-2 XL shapes, fp16, the default tiles and split heuristic; both reductions give
+    the same bits."""
+    k, n, flags = XL_LAYERS[layer]
+    x, w, kwargs = _problem(m, k, n, **flags, dtype=torch.float16, seed=3 * m + len(layer))
+    ref = fused_linear_ref(x.float(), w.float(), **{key: (v.float() if torch.is_tensor(v) else v)
+                                                  for key, v in kwargs.items()})
+    cfg = {"path": "batched", "split_mode": split_mode}
+    assert dl.resolve_config(m, n, k, x.device)["path"] == "batched"
+    y = _run_poisoned(x, w, kwargs, cfg)
+    err = _rel_err(y, ref)
+    assert err <= 1e-2, f"{layer} M={m}: relative error {err:.3g}"
+    if dl.resolve_config(m, n, k, x.device, cfg)["split"] > 1:
+        other = {**cfg, "split_mode": "two_pass" if split_mode == "serial" else "serial"}
+        assert torch.equal(y, fused_linear(x, w, **kwargs, config=other))
+
+
+@needs_gpu
+def test_gpu_batched_cuda_graph_replay():
+    """Captured batched split-K launches with the LN prologue replay correctly (counters re-arm)."""
+    k, n, m = 1600, 4800, 5
+    x, w, kwargs = _problem(m, k, n, ln=True, bias=True, gelu=True, res=True, dtype=torch.float16, seed=19)
+    cfg = {"path": "batched", "split": 4, "split_mode": "serial"}
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    fused_linear(x, w, **kwargs, out=out, config=cfg)
+    expect = out.clone()
+    assert _rel_err(expect, fused_linear_ref(x, w, **kwargs)) <= 1e-2
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            for _ in range(3):
+                fused_linear(x, w, **kwargs, out=out, config=cfg)
+    torch.cuda.current_stream().wait_stream(stream)
+    for _ in range(10):
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, expect)
 
 
 @needs_gpu
