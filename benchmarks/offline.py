@@ -700,14 +700,16 @@ def markdown_table(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_results(records: list[dict[str, Any]], out: Path | None) -> None:
+def write_results(records: list[dict[str, Any]], out: Path | None,
+                  table: Callable[[list[dict[str, Any]]], str] | None = None) -> None:
+    """The records as JSON at ``out`` and ``table(records)`` (markdown) beside it, ``.md``."""
     if out is None:
         return
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(out.suffix + ".tmp")
     tmp.write_text(json.dumps(records, indent=1) + "\n")
     tmp.replace(out)  # atomic: a kill mid-write never leaves a truncated file
-    out.with_suffix(".md").write_text(markdown_table(records))
+    out.with_suffix(".md").write_text((table or markdown_table)(records))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -40,7 +40,7 @@ from typing import Any, Iterable
 import torch
 import yaml
 
-from benchmarks.offline import device_name, git_commit, log, percentile, sync, warm_up_engine
+from benchmarks.offline import device_name, git_commit, log, percentile, sync, warm_up_engine, write_results
 from engine.spec_decode.proposer import Proposal, ProposalRequest, Proposer
 
 MODES = ("no-spec", "oracle", "always-wrong", "draft")
@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             rec.update(error=f"{type(e).__name__}: {e}", errors=None)
         records.append(rec)
         _add_speedups(records)
-        write_results(records, args.out)
+        write_results(records, args.out, markdown_table)
         log(f"{mode} batch {batch}: " + (rec.get("error") or f"TPOT p50 {rec['tpot_ms_p50']} ms, acceptance "
                                           f"{rec.get('acceptance_rate')}, emitted/step {rec['mean_emitted_per_step']}"))
 
@@ -353,7 +353,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                     [("draft", lambda llm, b: {**measure(llm, "draft", b),
                                                 **_proposer_stats(llm)})])
 
-    write_results(records, args.out)
+    write_results(records, args.out, markdown_table)
     print(markdown_table(records))
     log(f"done in {time.perf_counter() - started:.0f} s" + (f"; wrote {args.out}" if args.out else ""))
     return records
@@ -400,16 +400,6 @@ def markdown_table(records: list[dict[str, Any]]) -> str:
                      f"| {f(r.get('mean_emitted_per_step'), '.2f')} | {f(r.get('out_tok_s'), ',.1f')} "
                      f"| {f(r.get('ttft_ms_p50'), '.2f')} | {note} |")
     return "\n".join(lines) + "\n"
-
-
-def write_results(records: list[dict[str, Any]], out: Path | None) -> None:
-    if out is None:
-        return
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_text(json.dumps(records, indent=1) + "\n")
-    tmp.replace(out)  # atomic: a job killed mid-write keeps the previous file
-    out.with_suffix(".md").write_text(markdown_table(records))
 
 
 if __name__ == "__main__":

@@ -66,3 +66,19 @@ def hf_greedy(hf_model, prompt: list[int], max_new_tokens: int) -> list[int]:
         out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                 do_sample=False, eos_token_id=None, pad_token_id=0)
     return out[0, len(prompt):].tolist()
+
+
+def run_staggered(engine: LLMEngine, prompts: list[list[int]], params, per_step: int = 3) -> list[list[int]]:
+    """Requests arrive ``per_step`` at a time between steps, so that prefill chunks and decodes mix; returns
+    each request's output token ids, in prompt order."""
+    done = {}
+    pending = list(enumerate(prompts))
+    while pending or engine.has_unfinished():
+        for _ in range(min(per_step, len(pending))):
+            i, prompt = pending.pop(0)
+            engine.add_request(f"r{i}", prompt, params)
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+        engine.kv.check_invariants()
+    return [done[f"r{i}"].outputs[0].token_ids for i in range(len(prompts))]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from engine import SamplingParams
-from tests.conftest import hf_greedy, run_to_completion
+from tests.conftest import hf_greedy, run_staggered, run_to_completion
 
 NEW_TOKENS = 24
 
@@ -19,21 +19,6 @@ def prompts_and_reference(hf_model):
     lengths = [1, 2, 200, 7, 16, 17, 33, 64, 128, 150, 3, 90, 31, 48, 199, 5, 120, 60]
     prompts = [[rng.randrange(vocab) for _ in range(n)] for n in lengths]
     return prompts, [hf_greedy(hf_model, p, NEW_TOKENS) for p in prompts]
-
-
-def run_staggered(engine, prompts, params):
-    """Requests arrive in waves between steps, so that prefill chunks and decodes mix."""
-    done = {}
-    pending = list(enumerate(prompts))
-    while pending or engine.has_unfinished():
-        for _ in range(min(3, len(pending))):
-            i, prompt = pending.pop(0)
-            engine.add_request(f"r{i}", prompt, params)
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out
-        engine.kv.check_invariants()
-    return [done[f"r{i}"].outputs[0].token_ids for i in range(len(prompts))]
 
 
 @pytest.mark.parametrize("block_size", [1, 8, 16])

@@ -12,7 +12,7 @@ from engine.kv_manager import BlockPool, KVCacheManager
 from engine.prefix_cache import block_hashes
 from engine.request import Request
 from policies import SCHEDULING_POLICIES
-from tests.conftest import hf_greedy, run_to_completion
+from tests.conftest import hf_greedy, run_staggered, run_to_completion
 
 BS = 4
 
@@ -237,19 +237,6 @@ def shared_prefix_prompts(hf_model):
     return prompts, [hf_greedy(hf_model, p, NEW_TOKENS) for p in prompts]
 
 
-def run_in_waves(engine, prompts, params):
-    done, pending = {}, list(enumerate(prompts))
-    while pending or engine.has_unfinished():
-        for _ in range(min(2, len(pending))):
-            i, prompt = pending.pop(0)
-            engine.add_request(f"r{i}", prompt, params)
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out
-        engine.kv.check_invariants()
-    return [done[f"r{i}"].outputs[0].token_ids for i in range(len(prompts))]
-
-
 @pytest.mark.parametrize("block_size", [8, 16])
 @pytest.mark.parametrize("policy", ["fcfs", "lpm"])
 def test_greedy_with_caching_equals_without_and_hf(make_engine, shared_prefix_prompts, block_size, policy):
@@ -259,7 +246,7 @@ def test_greedy_with_caching_equals_without_and_hf(make_engine, shared_prefix_pr
     for caching in (True, False):
         engine = make_engine(block_size=block_size, num_gpu_blocks=4096 // block_size, max_num_batched_tokens=64,
                              enable_prefix_caching=caching, scheduling_policy=policy)
-        results[caching] = run_in_waves(engine, prompts, params)
+        results[caching] = run_staggered(engine, prompts, params, per_step=2)
         stats = engine.stats()
         if caching:
             assert stats["prefix_cache_hits"] > 0.4 * stats["prefix_cache_queries"]
@@ -277,7 +264,7 @@ def test_greedy_with_caching_equals_without_while_preempting(make_engine, shared
         # 320 tokens of pool for 19 requests of up to 116 tokens: the pool runs dry and evicts.
         engine = make_engine(block_size=8, num_gpu_blocks=40, max_num_batched_tokens=64, max_num_seqs=8,
                              preemption_policy=policy, enable_prefix_caching=caching)
-        results[caching] = run_in_waves(engine, prompts, params)
+        results[caching] = run_staggered(engine, prompts, params, per_step=2)
         counters = engine.scheduler.counters
         assert counters[f"preemptions_{policy}"] > 0
         if caching:
