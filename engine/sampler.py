@@ -42,6 +42,12 @@ def position_seed(seed: int, sample_index: int, position: int) -> int:
     return (seed * 1_000_003 + sample_index * 104_729 + position * 7_919 + 1) & _SEED_MASK
 
 
+def exponential_race(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Draw from unnormalised ``probs`` (last dim) with Exp(1) ``noise``: argmax(p / E) is distributed as p. A
+    masked token has p = 0; clamping keeps 0 / 0 (NaN, which argmax would pick) out."""
+    return (probs / noise.clamp_min(1e-20)).argmax(dim=-1)
+
+
 def _has_penalty(p: SamplingParams) -> bool:
     return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
 
@@ -109,19 +115,21 @@ class Sampler:
         return logits
 
     def _sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-        # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p (normalising p is unnecessary).
+        # The race needs no normalised p.
         probs = self.probs(logits, rows, normalise=False)
-        # A masked token has p = 0; clamping keeps 0 / 0 (NaN, which argmax would pick) out.
-        return (probs / self.exponential_noise(rows, logits.shape[1]).clamp_min(1e-20)).argmax(dim=-1)
+        return exponential_race(probs, self.exponential_noise(rows, logits.shape[1]))
 
-    def exponential_noise(self, rows: list[SamplingRow], vocab: int) -> torch.Tensor:
-        """Exp(1) draws, [rows, vocab]: a seeded row's depend only on (seed, sample, output position)."""
+    def _row_generator(self, r: SamplingRow, offset: int, salt: int) -> torch.Generator:
+        return torch.Generator(device=self.device).manual_seed(
+            position_seed(r.params.seed, r.sample_index, r.num_output_tokens + offset) ^ salt)
+
+    def exponential_noise(self, rows: list[SamplingRow], vocab: int, offset: int = 0, salt: int = 0) -> torch.Tensor:
+        """Exp(1) draws, [rows, vocab]: a seeded row's depend only on (seed, sample, output position + ``offset``)
+        and ``salt`` (which keeps independent uses of one position apart)."""
         noise = torch.empty((len(rows), vocab), device=self.device).exponential_(generator=self.generator)
         for i, r in enumerate(rows):
             if r.params.seed is not None:
-                gen = torch.Generator(device=self.device).manual_seed(
-                    position_seed(r.params.seed, r.sample_index, r.num_output_tokens))
-                noise[i].exponential_(generator=gen)
+                noise[i].exponential_(generator=self._row_generator(r, offset, salt))
         return noise
 
     def uniforms(self, rows: list[SamplingRow]) -> torch.Tensor:
@@ -129,9 +137,7 @@ class Sampler:
         u = torch.rand(len(rows), device=self.device, generator=self.generator)
         for i, r in enumerate(rows):
             if r.params.seed is not None:
-                gen = torch.Generator(device=self.device).manual_seed(
-                    position_seed(r.params.seed, r.sample_index, r.num_output_tokens) ^ 0x5BD1E995)
-                u[i] = torch.rand(1, device=self.device, generator=gen)[0]
+                u[i] = torch.rand(1, device=self.device, generator=self._row_generator(r, 0, 0x5BD1E995))[0]
         return u
 
     def probs(self, logits: torch.Tensor, rows: list[SamplingRow], normalise: bool = True) -> torch.Tensor:

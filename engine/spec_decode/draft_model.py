@@ -268,7 +268,7 @@ class DraftModelProposer(Proposer):
         context_d = to_dev(context_ids, torch.int64, "ids")
         tables = to_dev(self.block_table[rows, :cdiv(int((lens + nums - 1).max()), bs)], torch.int32, "tables")
 
-        draws = self.sampling.plan([job.req for job in jobs], nums, lens, self.model.vocab_size)
+        draws = self.sampling.plan([job.req for job in jobs], nums, self.model.vocab_size)
         tokens = torch.zeros((batch, int(nums[0])), dtype=torch.long, device=self.device)
         for t in range(num_passes):
             d = t - lead  # the proposal this pass draws (none while d < 0)

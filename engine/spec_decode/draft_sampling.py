@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from engine.sampler import Sampler, SamplingRow, position_seed
+from engine.sampler import Sampler, SamplingRow, exponential_race
 from engine.spec_decode.proposer import ProposalRequest
 
 # Seeded draft draws are keyed like the target's, (seed, sample index, output position), then salted: with the
@@ -32,8 +32,7 @@ class DrawPlan:
     rows: torch.Tensor  # [S] long: the sampled rows of the batch, ascending
     row_ids: list[int]
     nums: np.ndarray  # [S] each row's proposal count
-    sampling: list[SamplingRow]
-    seeded: list[tuple[int, int, int, int]]  # (s, seed, sample index, output position of its first proposal)
+    sampling: list[SamplingRow]  # their output position is that of their first proposal
     probs: torch.Tensor  # [S, max num, vocab] float32: the distribution each proposal was drawn from
 
     def probs_by_row(self) -> dict[int, torch.Tensor]:
@@ -45,7 +44,7 @@ class DraftSampling:
         self.device = device
         self.sampler = Sampler(device, seed ^ _SEED_SALT)  # its generator draws the unseeded rows' noise
 
-    def plan(self, reqs: list[ProposalRequest], nums: np.ndarray, lens: np.ndarray, vocab: int) -> DrawPlan | None:
+    def plan(self, reqs: list[ProposalRequest], nums: np.ndarray, vocab: int) -> DrawPlan | None:
         """None when every row is greedy (the argmax is then all there is to draw)."""
         sampled = [i for i, r in enumerate(reqs) if not r.params.greedy]
         if not sampled:
@@ -54,8 +53,6 @@ class DraftSampling:
             rows=torch.tensor(sampled, dtype=torch.long, device=self.device), row_ids=sampled, nums=nums[sampled],
             sampling=[SamplingRow(reqs[i].params, reqs[i].token_ids, reqs[i].num_prompt_tokens, reqs[i].sample_index)
                       for i in sampled],
-            seeded=[(s, reqs[i].params.seed, reqs[i].sample_index, int(lens[i]) - reqs[i].num_prompt_tokens)
-                    for s, i in enumerate(sampled) if reqs[i].params.seed is not None],
             # Entries past a row's own count are never read (its Proposal.probs is sliced to it).
             probs=torch.empty((len(sampled), int(nums[0]), vocab), dtype=torch.float32, device=self.device),
         )
@@ -70,13 +67,7 @@ class DraftSampling:
             return tokens
         rows = plan.rows[:m]
         probs = self.sampler.probs(logits[rows], plan.sampling[:m])
-        noise = torch.empty_like(probs).exponential_(generator=self.sampler.generator)
-        for s, seed, sample_index, first in plan.seeded:
-            if s < m:
-                gen = torch.Generator(device=self.device).manual_seed(
-                    position_seed(seed, sample_index, first + d) ^ _SEED_SALT)
-                noise[s].exponential_(generator=gen)
-        # The exponential race argmax(p / E), E ~ Exp(1), draws from p; clamping keeps 0 / 0 away from masked tokens.
-        tokens[rows] = (probs / noise.clamp_min(1e-20)).argmax(dim=-1)
+        noise = self.sampler.exponential_noise(plan.sampling[:m], probs.shape[1], offset=d, salt=_SEED_SALT)
+        tokens[rows] = exponential_race(probs, noise)
         plan.probs[:m, d] = probs
         return tokens

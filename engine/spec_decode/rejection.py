@@ -17,10 +17,7 @@ from __future__ import annotations
 
 import torch
 
-
-def _race(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """Draw from unnormalised ``probs`` (last dim) with Exp(1) ``noise``: argmax(p / E)."""
-    return (probs / noise.clamp_min(1e-20)).argmax(dim=-1)
+from engine.sampler import exponential_race
 
 
 def rejection_sample(
@@ -62,7 +59,7 @@ def rejection_sample(
     # Rounding can leave a residual with no mass (p and q equal to the last bit): fall back to p there.
     empty = dist.sum(dim=-1, keepdim=True) <= 0
     dist = torch.where(empty, target_probs, dist)
-    after = torch.where(greedy[:, None], argmax, _race(dist, noise))  # [B, k + 1]
+    after = torch.where(greedy[:, None], argmax, exponential_race(dist, noise))  # [B, k + 1]
 
     tokens = torch.cat([draft_ids, torch.zeros_like(draft_ids[:, :1])], dim=1)
     rows = torch.arange(batch, device=draft_ids.device)
