@@ -216,8 +216,7 @@ class KVCacheManager:
             computed = hit.num_tokens
             # Feasible only if the revived hits plus the new blocks and one copy fit what is free now.
             revived = sum(1 for b in hit.blocks if self.pool.ref_counts[b] == 0)
-            first_written = computed // self.block_size
-            copies = len(hit.blocks) - first_written if first_written < len(hit.blocks) else 0
+            copies = max(len(hit.blocks) - computed // self.block_size, 0)  # cached blocks it writes into
             new = max(cdiv(computed + num_new_tokens, self.block_size) - len(hit.blocks), 0)
             if revived + copies + new > self.pool.num_free:
                 return None
