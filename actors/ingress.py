@@ -20,10 +20,12 @@ import logging
 import math
 import time
 import uuid
+from collections import deque
+from pathlib import Path
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from pydantic import BaseModel, ValidationError
 from ray import serve
@@ -35,7 +37,7 @@ from actors.settings import ServiceConfig
 from actors.streams import Job, Streams, detached
 from engine.errors import InvalidRequestError
 from engine.loader import load_hf_config
-from engine.metrics import merge_families
+from engine.metrics import WORKER_METRICS, merge_families
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import load_tokenizer
 
@@ -84,6 +86,63 @@ class _Families:
         return self.families
 
 
+# ---------------------------------------------------------------------- the playground (docs/playground.md)
+PLAYGROUND_DIR = Path(__file__).with_name("playground")
+PLAYGROUND_FILES = ("index.html", "playground.js", "playground.css")
+_SERIES = {key: WORKER_METRICS[key].series() for key in ("generation_tokens", "cost_dollars", "num_gpus",
+                                                          "gpu_price_dollars_per_hour")}
+
+
+class LiveView:
+    """The playground's live numbers, from what ``/metrics`` gathers: the pool and the batch from each worker's
+    last heartbeat (scheduler snapshot), tokens and dollars from its metric families. Those two are counters, so
+    rates come from this ingress's own recent calls, as Prometheus's ``rate()`` would over ``window_s``."""
+
+    def __init__(self, window_s: float = 5.0):
+        self.window_s = window_s
+        self.history: deque[tuple[float, dict[str, tuple[float, float]]]] = deque()
+
+    def update(self, snap: dict[str, Any], families: dict[str, list], now: float) -> dict[str, Any]:
+        workers, counters = [], {}
+        for wid, w in sorted(snap["workers"].items()):
+            values: dict[str, float] = {}
+            for fam in families.get(wid, []):
+                for s in fam.samples:
+                    values[s.name] = values.get(s.name, 0.0) + s.value
+            if _SERIES["generation_tokens"] in values:  # else its families did not come (slow or dying worker)
+                counters[wid] = (values[_SERIES["generation_tokens"]], values.get(_SERIES["cost_dollars"], 0.0))
+            st = w["stats"]
+            workers.append({"id": wid, "running": st["num_running"], "waiting": st["num_waiting"],
+                            "free_blocks": st["num_free_blocks"], "total_blocks": st["num_total_blocks"],
+                            "heartbeat_age_s": round(w["age_s"], 3),
+                            "dollars_per_hour": values.get(_SERIES["num_gpus"], 0.0)
+                            * values.get(_SERIES["gpu_price_dollars_per_hour"], 0.0)})
+        # Keep one sample at least window_s old as the baseline; a worker's counters only grow, except when
+        # the worker is replaced, so a drop counts as zero.
+        self.history.append((now, counters))
+        while len(self.history) > 2 and now - self.history[1][0] >= self.window_s:
+            self.history.popleft()
+        then, base = self.history[0]
+        seconds = now - then
+        tokens = sum(max(c[0] - base[k][0], 0.0) for k, c in counters.items() if k in base)
+        dollars = sum(max(c[1] - base[k][1], 0.0) for k, c in counters.items() if k in base)
+        total = sum(w["total_blocks"] for w in workers)
+        free = sum(w["free_blocks"] for w in workers)
+        return {
+            "running": sum(w["running"] for w in workers),
+            "waiting": {"queue": snap["num_waiting"], "engines": sum(w["waiting"] for w in workers)},
+            "kv": {"free_blocks": free, "total_blocks": total, "used_blocks": total - free,
+                   "usage_perc": 100.0 * (total - free) / total if total else 0.0},
+            "rates": {"window_s": round(seconds, 3),
+                      "output_tokens_per_s": tokens / seconds if seconds else None,
+                      # idle time included, as the PromQL in docs/telemetry.md; undefined with no token
+                      "dollars_per_1m_output_tokens": 1e6 * dollars / tokens if tokens else None},
+            # What one replica costs per hour (the workers' resolved `cost:` setting), for per-request costs.
+            "replica_dollars_per_hour": sum(w["dollars_per_hour"] for w in workers) / len(workers) if workers else 0.0,
+            "workers": workers,
+        }
+
+
 @serve.ingress(app)
 class Ingress:
     def __init__(self, config: dict[str, Any], scheduler, worker):
@@ -119,6 +178,7 @@ class Ingress:
                                        registry=self.registry)
         self.m_generation_tokens = Counter("gpt2serve:http_generation_tokens", "Tokens sent to clients.",
                                            registry=self.registry)
+        self.live = LiveView()
 
     # ------------------------------------------------------------------ endpoints
     @app.get("/health")
@@ -152,6 +212,30 @@ class Ingress:
         except Exception as e:  # noqa: BLE001 - a worker that just went away has no metrics to give
             log.warning("metrics of worker %s unavailable: %r", worker_id, e)
             return []
+
+    # ------------------------------------------------------------------ playground (docs/playground.md)
+    @app.get("/playground")
+    async def playground_home(self) -> RedirectResponse:
+        # Relative: the page's own links are relative (any route prefix works) and need the trailing slash.
+        return RedirectResponse("playground/")
+
+    @app.get("/playground/")
+    async def playground_index(self) -> FileResponse:
+        return await self.playground_file("index.html")
+
+    @app.get("/playground/stats")
+    async def playground_stats(self) -> dict[str, Any]:
+        """The live view's numbers (see ``LiveView``); the workers' free and total KV blocks included."""
+        snap = await self.scheduler.snapshot.remote()
+        ids = sorted(snap["workers"])
+        families = await asyncio.gather(*(self._worker_families(w) for w in ids))
+        return {"model": self.cfg.model_name, **self.live.update(snap, dict(zip(ids, families)), time.monotonic())}
+
+    @app.get("/playground/{name}")
+    async def playground_file(self, name: str) -> FileResponse:
+        if name not in PLAYGROUND_FILES:
+            raise oa.APIError(404, f"the playground has no file {name!r}")
+        return FileResponse(PLAYGROUND_DIR / name, headers={"Cache-Control": "no-cache"})
 
     @app.post("/v1/completions")
     async def completions(self, request: Request) -> Response:

@@ -778,7 +778,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         raise SystemExit(str(e)) from None
 
     from engine import LLM, EngineConfig
-    from engine.loader import load_hf_config, resolve_device, resolve_dtype
+    from engine.loader import load_hf_config, resolve_device, resolve_dtype, weight_bytes
 
     config = EngineConfig(model=args.model, load_format=args.load_format, dtype=args.dtype, device=args.device,
                           **_engine_overrides(args))
@@ -833,6 +833,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             runner = llm.engine.runner
             ours_extra.update(startup_s=_round(time.perf_counter() - t), kv_blocks=runner.num_blocks,
                               block_size=runner.block_size, attention_backend=getattr(runner.backend, "name", None))
+            weights, dense = weight_bytes(runner.model, runner.dtype)
+            ours_extra.update(weight_gib=_round(weights / 2**30), dense_weight_gib=_round(dense / 2**30),
+                              kv_tokens=runner.num_blocks * runner.block_size)
             t = time.perf_counter()
             warm_up_engine(llm)
             ours_extra["warmup_s"] = _round(time.perf_counter() - t)

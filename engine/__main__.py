@@ -38,6 +38,27 @@ def _make_tiny_model(args: argparse.Namespace) -> None:
     print(build_tiny_checkpoint(args.path, n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head))
 
 
+def _tour(args: argparse.Namespace) -> None:
+    import json
+    from dataclasses import asdict
+
+    from transformers.utils import logging as hf_logging
+
+    from engine.tour import print_demos, run_tour
+
+    # Each demo starts an engine of its own: the start-up lines would bury the tables.
+    logging.getLogger("engine").setLevel(logging.WARNING)
+    hf_logging.disable_progress_bar()
+    start = time.monotonic()
+    demos = run_tour(args.model, threads=args.threads)
+    print_demos(demos)
+    print(f"[tour: {time.monotonic() - start:.1f} s]", file=sys.stderr)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"model": args.model or "tiny (built for this run)", "demos": [asdict(d) for d in demos]},
+                      f, indent=1)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m engine")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -59,6 +80,11 @@ def main(argv: list[str] | None = None) -> None:
     tiny.add_argument("--n-embd", type=int, default=64)
     tiny.add_argument("--n-head", type=int, default=4)
     tiny.set_defaults(func=_make_tiny_model)
+    tour = sub.add_parser("tour", help="small measured demos of the KV cache, batching and sampling (CPU)")
+    tour.add_argument("--model", help="a checkpoint directory; default: build the tiny one in a temporary directory")
+    tour.add_argument("--json", help="also write the tables' rows to this file")
+    tour.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: leave torch's default)")
+    tour.set_defaults(func=_tour)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args.func(args)

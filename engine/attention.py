@@ -28,6 +28,8 @@ class AttentionMetadata:
     # Decode-only steps whose sequences share leading blocks: how to split each context into the shared prefix and
     # the sequence's own suffix (backends that attend over the full tables, like the torch one, may ignore it).
     cascade: CascadeMetadata | None = None
+    # Not attention, but per-token like the rest: each row's LoRA slot (-1: none); None when no row has an adapter.
+    lora_slots: torch.Tensor | None = None
 
 
 # Shared groups one cascade step may have. The CUDA graphs of cascade steps are captured with room for this many

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class SpeculativeConfig(BaseModel):
@@ -26,6 +26,17 @@ class SpeculativeConfig(BaseModel):
         "speculation (4, 8, ... 64 steps, then one probe): a verify step costs more than a decode step.")
 
 
+class LoRAModuleConfig(BaseModel):
+    """An adapter to load at start-up."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(..., description="What requests put in their model field to use it.")
+    path: str = Field(..., description="A PEFT LoRA directory (adapter_config.json + adapter_model.safetensors).")
+    merge: bool = Field(False, description="Fold it into the base weights at load: every request then gets it, "
+                        "at no per-step cost (one merged adapter at most; dense weights only).")
+
+
 class EngineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
@@ -41,6 +52,11 @@ class EngineConfig(BaseModel):
     device: str = Field("auto", description="'auto' (cuda when present, else cpu), 'cpu', 'cuda', 'cuda:1'...")
     seed: int = Field(0, description="Seed for dummy weights and for unseeded sampling.")
     max_model_len: int | None = Field(None, description="Longest prompt + output; defaults to the model's context.")
+    quantization: Literal["none", "int8", "int4", "gptq", "awq"] = Field(
+        "none", description="Weight-only quantization of the blocks' linear layers (docs/quantization.md). int8 / "
+        "int4 are made at load from fp16/fp32 weights; gptq / awq read pre-quantized checkpoints (chosen "
+        "automatically when the checkpoint's config.json says so).")
+    quantization_group_size: int = Field(128, ge=8, description="int4: input features per scale and zero point.")
 
     # --- paged KV pool ---
     block_size: int = Field(16, ge=1, description="Tokens per KV block.")
@@ -71,9 +87,26 @@ class EngineConfig(BaseModel):
     # --- speculative decoding ---
     speculative: SpeculativeConfig | None = Field(None, description="Off when absent.")
 
+    # --- LoRA (docs/lora.md) ---
+    enable_lora: bool = Field(False, description="Serve LoRA adapters, several per batch.")
+    max_loras: int = Field(4, ge=1, description="Adapters resident in GPU slots at once (most per step).")
+    max_lora_rank: int = Field(64, ge=1, description="Largest adapter rank accepted; slots are this wide.")
+    max_cpu_loras: int | None = Field(None, ge=1, description="Most adapters loaded (CPU copies); None: no limit.")
+    lora_modules: list[LoRAModuleConfig] = Field(default_factory=list, description="Adapters loaded at start-up.")
+
     # --- execution ---
     attention_backend: Literal["auto", "torch", "triton"] = Field("auto")
     enforce_eager: bool = Field(False, description="Disable CUDA graphs.")
+
+    @model_validator(mode="after")
+    def _check_lora(self) -> "EngineConfig":
+        if self.lora_modules and not self.enable_lora and not all(m.merge for m in self.lora_modules):
+            raise ValueError("lora_modules need enable_lora: true (unless every one is merged)")
+        if sum(m.merge for m in self.lora_modules) > 1:
+            raise ValueError("at most one adapter can be merged into the base weights")
+        if self.enable_lora and self.speculative is not None:
+            raise ValueError("LoRA with speculative decoding is not supported yet")
+        return self
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> "EngineConfig":

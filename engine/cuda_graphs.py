@@ -206,7 +206,7 @@ class CascadeBuffers:
 class DecodeGraphs:
     def __init__(self, model, kv_caches: list[torch.Tensor], max_num_seqs: int, max_blocks_per_seq: int,
                  max_model_len: int, device: torch.device, cascade_min_rows: int | None = None,
-                 verify_query_len: int | None = None):
+                 verify_query_len: int | None = None, lora: bool = False):
         """``cascade_min_rows``: also capture cascade graphs, for steps of at least this many rows.
         ``verify_query_len``: also capture verify graphs, for speculative steps of this many tokens per request."""
         self.sizes = bucket_sizes(max_num_seqs)
@@ -220,6 +220,8 @@ class DecodeGraphs:
         self.seq_lens = torch.ones(n, dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros((n, max_blocks_per_seq), dtype=torch.int32, device=device)
+        # With LoRA, every decode graph runs the LoRA kernels; rows without an adapter have slot -1.
+        self.lora_slots = torch.full((n,), -1, dtype=torch.int32, device=device) if lora else None
         self.cascade = CascadeBuffers(n, max_blocks_per_seq, device) if self.cascade_sizes else None
         self.verify = None
         if self.verify_sizes:
@@ -251,7 +253,8 @@ class DecodeGraphs:
                 else:
                     # max_seq_len is the upper bound: kernels read each sequence's true length from seq_lens.
                     meta = AttentionMetadata(self.slot_mapping[:b], self.query_start_loc[:b + 1], self.seq_lens[:b],
-                                             self.block_tables[:b], 1, max_model_len)
+                                             self.block_tables[:b], 1, max_model_len,
+                                             lora_slots=self.lora_slots[:b] if lora else None)
                 if kind == "cascade":
                     from kernels.cascade_attention import bucket_splits
 
@@ -318,6 +321,12 @@ class DecodeGraphs:
         self.positions[:n].copy_(positions)
         self.slot_mapping[:n].copy_(meta.slot_mapping)
         self.slot_mapping[n:b].fill_(-1)
+        if self.lora_slots is not None:
+            if meta.lora_slots is None:
+                self.lora_slots[:b].fill_(-1)
+            else:
+                self.lora_slots[:n].copy_(meta.lora_slots)
+                self.lora_slots[n:b].fill_(-1)
         if plan is None:
             self.seq_lens[:n].copy_(meta.seq_lens)
             self.seq_lens[n:b].fill_(1)

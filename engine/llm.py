@@ -23,6 +23,7 @@ class LLM:
         *,
         prompt_token_ids: Sequence[Sequence[int]] | None = None,
         priority: Sequence[int] | None = None,
+        lora_name: str | Sequence[str | None] | None = None,
     ) -> list[RequestOutput]:
         """Run every prompt to completion; results come back in the order of the prompts.
 
@@ -36,10 +37,11 @@ class LLM:
         if len(sampling_params) != len(inputs):
             raise ValueError(f"{len(inputs)} prompts but {len(sampling_params)} sampling params")
         priority = list(priority) if priority is not None else [0] * len(inputs)
+        loras = [lora_name] * len(inputs) if lora_name is None or isinstance(lora_name, str) else list(lora_name)
 
         ids = [f"offline-{next(self._ids)}" for _ in inputs]
-        built = [self.engine.make_request(rid, prompt, params, prio)
-                 for rid, prompt, params, prio in zip(ids, inputs, sampling_params, priority)]
+        built = [self.engine.make_request(rid, prompt, params, prio, lora_name=lora)
+                 for rid, prompt, params, prio, lora in zip(ids, inputs, sampling_params, priority, loras, strict=True)]
         for req, state in built:
             self.engine.submit(req, state)
         done: dict[str, RequestOutput] = {}

@@ -11,6 +11,7 @@ from typing import Callable
 from engine.config import EngineConfig
 from engine.errors import InvalidRequestError
 from engine.kv_manager import KVCacheManager
+from engine.lora import LoRAError, UnknownLoRAError, lora_layers, merge_adapter, read_peft_adapter
 from engine.model_runner import ModelRunner
 from engine.output_processor import OutputProcessor, RequestState, SequenceText
 from engine.outputs import RequestOutput, SchedulerOutput
@@ -33,6 +34,16 @@ class LLMEngine:
         self.scheduler = Scheduler(config, self.kv)
         self.tokenizer = load_tokenizer(config, self.runner.hf_config.eos_token_id)
         self.output_processor = OutputProcessor(self.tokenizer)
+        self.lora_names: dict[str, str] = {}  # adapter name -> uid of its current load
+        self.merged_lora: str | None = None  # the adapter folded into the base weights, if any
+        self._unloading: set[str] = set()  # uids unloaded while requests still use them
+        for module in config.lora_modules:
+            if module.merge:
+                merge_adapter(self.runner.model, read_peft_adapter(
+                    module.name, module.path, lora_layers(self.runner.model), config.max_lora_rank))
+                self.merged_lora = module.name
+            else:
+                self.add_lora(module.name, module.path)
         self._timing = {"schedule_s": 0.0, "execute_s": 0.0, "update_s": 0.0}
         # Observers (telemetry): each gets every step's SchedulerOutput as soon as it is planned (requests still in
         # their pre-step state), and the step's whole duration in seconds once it is done.
@@ -46,10 +57,51 @@ class LLMEngine:
         atexit.register(gc.unfreeze)
 
     # ------------------------------------------------------------------ requests
+    # ------------------------------------------------------------------ LoRA adapters
+    def add_lora(self, name: str, path: str) -> None:
+        """Load a PEFT adapter under ``name`` (LoRAError: malformed, too large a rank, name taken)."""
+        if self.runner.lora is None:
+            raise LoRAError("LoRA is not enabled on this engine (enable_lora: true)")
+        if name in self.lora_names or name == self.merged_lora:
+            raise LoRAError(f"an adapter named {name!r} is already loaded")
+        adapter = read_peft_adapter(name, path, lora_layers(self.runner.model), self.config.max_lora_rank)
+        self.runner.lora.add(adapter)
+        self.lora_names[name] = adapter.uid
+        log.info("LoRA adapter %r loaded from %s (rank %d, %d layers, %.1f MB)", name, path, adapter.rank,
+                 len(adapter.weights), adapter.bytes / 2**20)
+
+    def remove_lora(self, name: str) -> None:
+        """Unload ``name``: new requests for it are refused at once; requests already using it finish with it,
+        and its weights go when the last of them ends."""
+        uid = self.lora_names.pop(name, None)
+        if uid is None:
+            raise UnknownLoRAError(f"no adapter named {name!r} is loaded")
+        self._unloading.add(uid)
+        self._drop_unused_loras()
+
+    def list_loras(self) -> list[str]:
+        return sorted(self.lora_names) + ([self.merged_lora] if self.merged_lora else [])
+
+    def _drop_unused_loras(self) -> None:
+        if not self._unloading:
+            return
+        in_use = {r.lora_id for r in self.scheduler.requests.values()}
+        for uid in self._unloading - in_use:
+            self.runner.lora.remove(uid)
+            self._unloading.discard(uid)
+
+    # ------------------------------------------------------------------ requests
     def make_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
-                     priority: int = 0, stream: bool = False) -> tuple[Request, RequestState]:
-        """Validate and build a request without touching engine state; raises InvalidRequestError."""
+                     priority: int = 0, stream: bool = False, lora_name: str | None = None,
+                     ) -> tuple[Request, RequestState]:
+        """Validate and build a request without touching engine state; raises InvalidRequestError (and
+        UnknownLoRAError for an adapter that is not loaded)."""
         params = params or SamplingParams()
+        lora_id = None
+        if lora_name is not None and lora_name != self.merged_lora:
+            lora_id = self.lora_names.get(lora_name)
+            if lora_id is None:
+                raise UnknownLoRAError(f"no adapter named {lora_name!r} is loaded")
         if request_id in self.output_processor.states:
             raise InvalidRequestError(f"request id {request_id!r} is already in flight", "request_id")
         text = prompt if isinstance(prompt, str) else None
@@ -78,6 +130,7 @@ class LLMEngine:
             request_id=request_id, external_id=request_id, prompt_token_ids=token_ids, params=params,
             arrival_time=time.monotonic(), max_total_tokens=max_total, eos_token_id=eos, priority=priority,
             samples_to_fork=params.n - 1, prompt_logprobs=[None] if params.prompt_logprobs is not None else [],
+            lora_id=lora_id,
         )
         state = RequestState(
             request_id=request_id, prompt=text, prompt_token_ids=token_ids, params=params, stream=stream,
@@ -90,12 +143,13 @@ class LLMEngine:
         self.scheduler.add_request(req)
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
-                    priority: int = 0, stream: bool = False) -> None:
-        self.submit(*self.make_request(request_id, prompt, params, priority, stream))
+                    priority: int = 0, stream: bool = False, lora_name: str | None = None) -> None:
+        self.submit(*self.make_request(request_id, prompt, params, priority, stream, lora_name))
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stop a request wherever it is (waiting, mid-prefill, decoding, swapped); its blocks are freed now."""
         self.scheduler.abort(request_id)
+        self._drop_unused_loras()
         return self.output_processor.abort(request_id)
 
     def has_unfinished(self) -> bool:
@@ -115,6 +169,7 @@ class LLMEngine:
         outputs, stopped = self.output_processor.process(core_outputs)
         for req_id in stopped:
             self.scheduler.finish(req_id, RequestStatus.FINISHED_STOPPED)
+        self._drop_unused_loras()
         t3 = time.perf_counter()
         self._timing["schedule_s"] += t1 - t0
         self._timing["execute_s"] += t2 - t1

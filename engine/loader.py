@@ -13,6 +13,8 @@ from transformers import GPT2Config
 
 from engine.attention import AttentionBackend
 from engine.config import EngineConfig
+from engine.layers.linear import Linear
+from engine.layers.quantization import LinearMethod, build_linear_method, checkpoint_quantization
 from engine.models.gpt2 import GPT2LMHeadModel
 
 log = logging.getLogger(__name__)
@@ -100,11 +102,21 @@ def _checkpoint_tensors(directory: Path, load_format: str) -> Iterator[tuple[str
 
 
 def _dummy_weights(model: GPT2LMHeadModel, seed: int) -> None:
-    """Random weights of the right shape, initialised like HF's GPT-2 (same compute and memory traffic)."""
+    """Random weights of the right shape, initialised like HF's GPT-2 (same compute and memory traffic).
+    A quantized layer draws the dense weight a dense layer would (same generator, order and dtype) and quantizes
+    it through its own loading, so that the same seed gives the same model before quantization."""
+    modules = dict(model.named_modules())
     gen = None
     for name, param in model.named_parameters():
         gen = gen or torch.Generator(device=param.device).manual_seed(seed)
-        if "ln_" in name:
+        module_name, _, param_name = name.rpartition(".")
+        layer = modules[module_name]
+        if isinstance(layer, Linear) and type(layer.method) is not LinearMethod and param_name != "bias":
+            if param_name == "qweight":
+                dense = torch.empty(layer.out_features, layer.in_features, device=param.device,
+                                    dtype=layer.scales.dtype).normal_(0.0, 0.02, generator=gen)
+                layer.method.load(layer, "weight", dense, transposed=False)
+        elif "ln_" in name:
             param.data.fill_(1.0 if name.endswith("weight") else 0.0)
         elif name.endswith("bias"):
             param.data.zero_()
@@ -112,14 +124,36 @@ def _dummy_weights(model: GPT2LMHeadModel, seed: int) -> None:
             param.data.normal_(0.0, 0.02, generator=gen)
 
 
+def linear_method(config: EngineConfig) -> LinearMethod:
+    """The quantization of the blocks' linear layers: the configured one, or a GPTQ / AWQ checkpoint's own."""
+    directory = model_dir(config) if config.load_format != "dummy" else None
+    found = checkpoint_quantization(directory)
+    quantization = config.quantization
+    if found is not None:
+        kind = found.get("quant_method")
+        if quantization == "none" and kind in ("gptq", "awq"):
+            log.info("checkpoint %s is %s-quantized: loading it as such", config.model, kind)
+            quantization = kind
+        elif quantization in ("int8", "int4") or kind != quantization:
+            raise ValueError(f"quantization: {config.quantization} but the checkpoint is already "
+                             f"{kind}-quantized; use quantization: {kind} (or none)")
+    elif quantization in ("gptq", "awq") and config.load_format != "dummy":
+        raise ValueError(f"quantization: {quantization} needs a checkpoint with a {quantization} "
+                         "quantization_config in config.json")
+    if quantization in ("gptq", "awq") and config.load_format == "dummy":
+        quantization = "int4"  # same layout and kernels; random weights need no checkpoint format
+    return build_linear_method(quantization, found, config.quantization_group_size)
+
+
 def load_model(config: EngineConfig, backend: AttentionBackend, device: torch.device,
                dtype: torch.dtype) -> tuple[GPT2LMHeadModel, GPT2Config]:
     hf_config = load_hf_config(config)
+    method = linear_method(config)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # build the parameters in place: no float32 copy of GPT-2 XL on the host
     try:
         with torch.device(device):
-            model = GPT2LMHeadModel(hf_config, backend)
+            model = GPT2LMHeadModel(hf_config, backend, method)
     finally:
         torch.set_default_dtype(previous)
     if config.load_format == "dummy":
@@ -127,3 +161,13 @@ def load_model(config: EngineConfig, backend: AttentionBackend, device: torch.de
     else:
         model.load_weights(_checkpoint_tensors(model_dir(config), config.load_format))
     return model.eval(), hf_config
+
+
+def weight_bytes(model: GPT2LMHeadModel, dtype: torch.dtype) -> tuple[int, int]:
+    """(bytes the model's parameters take, bytes they would take with dense linear layers in ``dtype``)."""
+    actual = sum(p.numel() * p.element_size() for p in model.parameters())
+    dense = actual
+    for m in model.modules():
+        if isinstance(m, Linear) and type(m.method) is not LinearMethod:
+            dense += m.in_features * m.out_features * dtype.itemsize - m.method.quantized_bytes(m)
+    return actual, dense

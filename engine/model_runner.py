@@ -20,7 +20,8 @@ from engine.attention import AttentionMetadata, find_shared_prefixes, get_attent
 from engine.config import EngineConfig
 from engine.cuda_graphs import DecodeGraphs, verify_layout
 from engine.kv_manager import cdiv
-from engine.loader import load_model, resolve_device, resolve_dtype
+from engine.loader import load_model, resolve_device, resolve_dtype, weight_bytes
+from engine.lora import LoRAManager
 from engine.outputs import ModelRunnerOutput, SchedulerOutput
 from engine.sampler import Sampler, SamplingRow, token_logprobs
 from engine.sampling_params import SamplingParams
@@ -48,6 +49,7 @@ class RunnerRequestState:
     num_blocks: int
     sample_index: int
     num_computed_tokens: int = 0
+    lora_id: str | None = None
 
 
 @dataclass
@@ -143,7 +145,9 @@ class ModelRunner:
         self.max_blocks_per_seq = cdiv(self.max_model_len, self.block_size)
         m = self.model
         self.bytes_per_block = 2 * m.num_layers * self.block_size * m.num_heads * m.head_dim * self.dtype.itemsize
-        # A draft model's weights and pool come first, so that the target's pool is sized from what they leave.
+        # LoRA slots and a draft model's weights and pool come first, so that the pool is sized from what they leave.
+        self.lora = LoRAManager(self.model, config.max_loras, config.max_lora_rank, config.max_cpu_loras) \
+            if config.enable_lora else None
         self.proposer = build_proposer(config, self.device, self.dtype, self.backend)
         self.num_spec_tokens = config.speculative.num_speculative_tokens if config.speculative else 0
         self._draft_probs: dict[str, torch.Tensor] = {}  # the proposer's q for each request's pending proposals
@@ -182,7 +186,7 @@ class ModelRunner:
         self.graphs = None
         if use_graphs:
             self.graphs = DecodeGraphs(self.model, self.kv_caches, config.max_num_seqs, self.max_blocks_per_seq,
-                                       self.max_model_len, self.device,
+                                       self.max_model_len, self.device, lora=self.lora is not None,
                                        cascade_min_rows=CASCADE_MIN_GROUP if self.cascade_enabled else None,
                                        verify_query_len=1 + self.num_spec_tokens if config.speculative else None)
 
@@ -208,6 +212,12 @@ class ModelRunner:
         )
         if num_blocks < 1:
             raise RuntimeError("no GPU memory left for the KV pool; raise gpu_memory_utilization or shrink batches")
+        actual, dense = weight_bytes(self.model, self.dtype)
+        if dense > actual:
+            freed = dense - actual
+            log.info("%s weights: %.2f GiB instead of %.2f GiB in %s; the %.2f GiB freed hold %d more KV blocks "
+                     "(%d tokens)", self.model.linear_method.name, actual / 2**30, dense / 2**30, self.dtype,
+                     freed / 2**30, freed // self.bytes_per_block, freed // self.bytes_per_block * self.block_size)
         return num_blocks
 
     @torch.inference_mode()
@@ -239,6 +249,8 @@ class ModelRunner:
                 lambda a, dtype, name="": torch.from_numpy(np.ascontiguousarray(a)).to(dev, dtype))
             if cascade_splits is not None:
                 meta.cascade.prefix_splits, meta.cascade.num_splits = cascade_splits
+        if self.lora is not None:  # slot 0 (zeros until an adapter is loaded): compiles and sizes the LoRA kernels
+            meta.lora_slots = torch.zeros(len(positions), dtype=torch.int32, device=dev)
         ids = torch.randint(0, m.vocab_size, (len(positions),), device=dev)
         hidden = m(ids, torch.from_numpy(positions).to(dev), kv_caches, meta)
         logits = m.compute_logits(hidden[:num_sampled]).float()
@@ -327,7 +339,7 @@ class ModelRunner:
                 self._free_rows.append(st.row)
         for new in sched.new_requests:
             st = RunnerRequestState(list(new.token_ids), new.num_prompt_tokens, new.params, self._free_rows.pop(), 0,
-                                    new.sample_index, new.num_computed_tokens)
+                                    new.sample_index, new.num_computed_tokens, new.lora_id)
             self._set_blocks(st, new.block_ids, append=False)
             self.requests[new.req_id] = st
         for cached in sched.cached_requests:
@@ -404,6 +416,7 @@ class ModelRunner:
         cascade = None
         if decode_only and self.cascade_enabled:
             cascade = find_shared_prefixes(tables, seq_lens, bs, CASCADE_MIN_GROUP, CASCADE_MIN_PREFIX_TOKENS)
+        lora_slots = self._lora_slots(states, counts, decode_only)
         self._staging.begin()
         to_dev = self._staging.to_device
         meta = AttentionMetadata(
@@ -414,6 +427,7 @@ class ModelRunner:
             max_query_len=int(counts.max()),
             max_seq_len=int(seq_lens.max()),
             cascade=cascade.to_device(to_dev) if cascade is not None else None,
+            lora_slots=to_dev(lora_slots, torch.int32, "lora") if lora_slots is not None else None,
         )
         inputs = StepInputs(
             input_ids=to_dev(np.asarray(ids, dtype=np.int64), torch.int64, "ids"),
@@ -425,6 +439,18 @@ class ModelRunner:
         )
         self._staging.end()
         return inputs
+
+    def _lora_slots(self, states: list[RunnerRequestState], counts: np.ndarray, decode_only: bool) -> np.ndarray | None:
+        """Each token row's adapter slot (-1: none), making the step's adapters resident; None without any."""
+        if self.lora is None:
+            return None
+        uids = {st.lora_id for st in states if st.lora_id is not None}
+        if not uids:
+            return None
+        slot_of = self.lora.slot_map(uids)
+        per_request = np.fromiter((slot_of.get(st.lora_id, -1) if st.lora_id else -1 for st in states),
+                                  dtype=np.int32, count=len(states))
+        return per_request if decode_only else np.repeat(per_request, counts)
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:

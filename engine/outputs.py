@@ -22,6 +22,7 @@ class NewRequestData:
     block_ids: list[int]
     num_computed_tokens: int
     sample_index: int
+    lora_id: str | None = None
 
 
 @dataclass

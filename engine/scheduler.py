@@ -127,7 +127,7 @@ class Scheduler:
             for req in self.swap_policy.order(self.swapped):
                 if len(self.running) >= self.config.max_num_seqs or budget == 0:
                     break
-                if not self.swap_policy.should_swap_in(req, self.kv):
+                if not self.swap_policy.should_swap_in(req, self.kv) or not self._lora_fits(req):
                     break
                 mapping = self.kv.swap_in(req)
                 if mapping is None:
@@ -149,6 +149,8 @@ class Scheduler:
             for req in self._waiting_in_order(now) if not self.swapped else []:
                 if len(self.running) >= self.config.max_num_seqs or budget == 0:
                     break
+                if not self._lora_fits(req):
+                    continue  # its adapter would be one too many this step; others may still fit
                 # A request starts past whatever prefix of it is cached: those tokens cost no budget.
                 hit = self.kv.match_prefix(req) if req.request_id not in self.kv.tables else None
                 n = self._num_new_tokens(req, budget, hit.num_tokens if hit else None)
@@ -173,6 +175,13 @@ class Scheduler:
         if req.num_computed_tokens != req.num_tokens - 1:
             return []
         return req.spec_token_ids[:max(min(room, req.max_total_tokens - req.num_tokens - 1), 0)]
+
+    def _lora_fits(self, req: Request) -> bool:
+        """A step applies at most ``max_loras`` adapters (the GPU slots): does ``req`` keep the running set within?"""
+        if req.lora_id is None:
+            return True
+        active = {r.lora_id for r in self.running if r.lora_id is not None}
+        return req.lora_id in active or len(active) < self.config.max_loras
 
     def _waiting_in_order(self, now: float) -> list[Request]:
         if self.policy.uses_prefix_match:
@@ -227,7 +236,7 @@ class Scheduler:
                 new_reqs.append(NewRequestData(
                     req_id=req_id, token_ids=req.all_token_ids, num_prompt_tokens=req.num_prompt_tokens,
                     params=req.params, block_ids=list(self.kv.block_ids(req)),
-                    num_computed_tokens=req.num_computed_tokens, sample_index=req.sample_index,
+                    num_computed_tokens=req.num_computed_tokens, sample_index=req.sample_index, lora_id=req.lora_id,
                 ))
             else:
                 rewritten = self.kv.take_rewritten(req)

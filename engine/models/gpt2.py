@@ -14,56 +14,64 @@ from torch import nn
 
 from engine.attention import AttentionBackend, AttentionMetadata
 from engine.layers.basic import Embedding, LayerNorm
-from engine.layers.linear import Conv1DLinear
+from engine.layers.linear import Conv1DLinear, Linear
+from engine.layers.quantization import LinearMethod
 
 
 class GPT2Attention(nn.Module):
-    def __init__(self, hidden: int, num_heads: int, backend: AttentionBackend):
+    def __init__(self, hidden: int, num_heads: int, backend: AttentionBackend, method: LinearMethod | None = None):
         super().__init__()
         self.num_heads, self.head_dim = num_heads, hidden // num_heads
         self.scale = self.head_dim ** -0.5
-        self.c_attn = Conv1DLinear(hidden, 3 * hidden)
-        self.c_proj = Conv1DLinear(hidden, hidden)
+        self.c_attn = Conv1DLinear(hidden, 3 * hidden, method=method)
+        self.c_proj = Conv1DLinear(hidden, hidden, method=method)
         self.backend = backend
 
     def forward(self, residual: torch.Tensor, norm: LayerNorm, kv_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
         """``residual + attention(norm(residual))``."""
         tokens = residual.shape[0]
-        q, k, v = self.c_attn(residual, norm=norm).view(tokens, 3, self.num_heads, self.head_dim).unbind(1)
+        lora = meta.lora_slots
+        qkv = self.c_attn(residual, norm=norm, lora_slots=lora)
+        q, k, v = qkv.view(tokens, 3, self.num_heads, self.head_dim).unbind(1)
         out = self.backend.forward(q, k, v, kv_cache, meta, self.scale)
-        return self.c_proj(out.reshape(tokens, -1), residual=residual)
+        return self.c_proj(out.reshape(tokens, -1), residual=residual, lora_slots=lora)
 
 
 class GPT2MLP(nn.Module):
-    def __init__(self, hidden: int, inner: int):
+    def __init__(self, hidden: int, inner: int, method: LinearMethod | None = None):
         super().__init__()
-        self.c_fc = Conv1DLinear(hidden, inner)
-        self.c_proj = Conv1DLinear(inner, hidden)
+        self.c_fc = Conv1DLinear(hidden, inner, method=method)
+        self.c_proj = Conv1DLinear(inner, hidden, method=method)
 
-    def forward(self, residual: torch.Tensor, norm: LayerNorm) -> torch.Tensor:
+    def forward(self, residual: torch.Tensor, norm: LayerNorm, lora_slots: torch.Tensor | None = None) -> torch.Tensor:
         """``residual + mlp(norm(residual))``."""
-        return self.c_proj(self.c_fc(residual, norm=norm, activation="gelu_tanh"), residual=residual)
+        hidden = self.c_fc(residual, norm=norm, activation="gelu_tanh", lora_slots=lora_slots)
+        return self.c_proj(hidden, residual=residual, lora_slots=lora_slots)
 
 
 class GPT2Block(nn.Module):
-    def __init__(self, hidden: int, num_heads: int, inner: int, eps: float, backend: AttentionBackend):
+    def __init__(self, hidden: int, num_heads: int, inner: int, eps: float, backend: AttentionBackend,
+                 method: LinearMethod | None = None):
         super().__init__()
         self.ln_1 = LayerNorm(hidden, eps)
-        self.attn = GPT2Attention(hidden, num_heads, backend)
+        self.attn = GPT2Attention(hidden, num_heads, backend, method)
         self.ln_2 = LayerNorm(hidden, eps)
-        self.mlp = GPT2MLP(hidden, inner)
+        self.mlp = GPT2MLP(hidden, inner, method)
 
     def forward(self, residual, kv_cache, meta):
         # Each LayerNorm is handed to the linear layer it feeds, and each residual add to the linear layer that
         # produces it, so that a batch-1 step can run every sub-layer as one fused kernel.
         residual = self.attn(residual, self.ln_1, kv_cache, meta)
-        return self.mlp(residual, self.ln_2)
+        return self.mlp(residual, self.ln_2, meta.lora_slots)
 
 
 class GPT2LMHeadModel(nn.Module):
-    def __init__(self, hf_config, backend: AttentionBackend):
+    def __init__(self, hf_config, backend: AttentionBackend, linear_method: LinearMethod | None = None):
+        """``linear_method``: how every block's linear layers hold their weights (dense, int8, int4, GPTQ, AWQ);
+        the LM head stays tied to the dense token embedding."""
         super().__init__()
+        self.linear_method = linear_method or LinearMethod()
         c = hf_config
         hidden = c.n_embd
         inner = c.n_inner or 4 * hidden
@@ -72,7 +80,8 @@ class GPT2LMHeadModel(nn.Module):
         self.wte = Embedding(c.vocab_size, hidden)
         self.wpe = Embedding(c.n_positions, hidden)
         self.h = nn.ModuleList(
-            GPT2Block(hidden, c.n_head, inner, c.layer_norm_epsilon, backend) for _ in range(c.n_layer)
+            GPT2Block(hidden, c.n_head, inner, c.layer_norm_epsilon, backend, self.linear_method)
+            for _ in range(c.n_layer)
         )
         self.ln_f = LayerNorm(hidden, c.layer_norm_epsilon)
 
@@ -88,9 +97,11 @@ class GPT2LMHeadModel(nn.Module):
         return F.linear(hidden, self.wte.weight)  # the LM head is tied to the token embedding
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Take HF GPT-2 tensors by name; every layer parameter must be found exactly once."""
+        """Take HF GPT-2 tensors by name; every tensor a layer expects must be found exactly once."""
         modules = dict(self.named_modules())
-        expected = {name for name, _ in self.named_parameters()}
+        linears = {name: m for name, m in modules.items() if isinstance(m, Linear)}
+        expected = {f"{name}.{part}" for name, m in linears.items() for part in m.checkpoint_names()}
+        expected |= {name for name, _ in self.named_parameters() if name.rpartition(".")[0] not in linears}
         loaded = set()
         for name, tensor in weights:
             name = name.removeprefix("transformer.")
@@ -104,3 +115,5 @@ class GPT2LMHeadModel(nn.Module):
         missing = expected - loaded
         if missing:
             raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
+        for layer in linears.values():
+            layer.finish_loading()

@@ -1,0 +1,148 @@
+"""Multi-LoRA serving cost on the GPU (issue 10): W1 spread over 4 adapters and W3 with an adapter, against no LoRA.
+
+    python -m benchmarks.lora_e2e_gpu --out benchmarks/results/<date>_lora_H100.json
+
+GPT-2 XL, fp16 dummy weights; 4 rank-16 adapters in the PEFT layout with random A and B, written to a temporary
+directory and loaded through the engine's real path (``lora_modules``). Two targetings are measured: PEFT's
+default for GPT-2 (``c_attn`` only) and every linear layer (``c_attn``, ``c_proj``, ``c_fc``). Engines:
+``base`` (LoRA off), and for each targeting ``lora`` (``enable_lora``, ``max_loras`` 4): W1 with request i using
+adapter i mod 4, W3 (batch 1) with one adapter, and W3 on the LoRA engine with no adapter named (the cost of the
+LoRA kernels in the graphs when nobody uses them). Timing as ``benchmarks/offline.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import gc
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.offline import (_params, build_workload, device_name, git_commit, latency_figures, log, sync,
+                                throughput_figures, warm_up_engine, write_results)
+
+TARGETS = {"c_attn": ("attn.c_attn",), "all": ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+
+
+def write_adapter(path: Path, rank: int, modules: tuple[str, ...], n_layer: int, hidden: int, seed: int) -> Path:
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(seed)
+    shapes = {"attn.c_attn": (hidden, 3 * hidden), "attn.c_proj": (hidden, hidden), "mlp.c_fc": (hidden, 4 * hidden),
+              "mlp.c_proj": (4 * hidden, hidden)}
+    tensors = {}
+    for layer in range(n_layer):
+        for m in modules:
+            k, n = shapes[m]
+            key = f"base_model.model.transformer.h.{layer}.{m}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, k, generator=gen) * k ** -0.5
+            tensors[f"{key}.lora_B.weight"] = torch.randn(n, rank, generator=gen) * 0.01
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, path / "adapter_model.safetensors")
+    (path / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": sorted({m.split(".")[1] for m in modules}),
+         "fan_in_fan_out": True, "bias": "none"}))
+    return path
+
+
+def run_w1(llm, wl, loras) -> dict[str, Any]:
+    params = [_params(n) for n in wl.out_lens]
+    device = llm.engine.runner.device
+    sync(device)
+    t0 = time.perf_counter()
+    outs = llm.generate(prompt_token_ids=wl.prompts, sampling_params=params, lora_name=loras)
+    sync(device)
+    rec = throughput_figures(wl, time.perf_counter() - t0)
+    rec["errors"] = sum(len(o.outputs[0].token_ids) != n for o, n in zip(outs, wl.out_lens))
+    return rec
+
+
+def run_w3(llm, wl, lora) -> dict[str, Any]:
+    ttft, tpot = [], []
+    for prompt, n_out in zip(wl.prompts[:wl.runs], wl.out_lens[:wl.runs]):
+        (out,) = llm.generate(prompt_token_ids=[prompt], sampling_params=_params(n_out), lora_name=lora)
+        m = out.metrics
+        ttft.append(m["first_token_time"] - m["arrival_time"])
+        tpot.append((m["finished_time"] - m["first_token_time"]) / (n_out - 1))
+    one = dataclasses.replace(wl, prompts=wl.prompts[:1], out_lens=wl.out_lens[:1])
+    rec = throughput_figures(one, statistics.median(tpot) * (wl.out_lens[0] - 1) + statistics.median(ttft))
+    rec.update(latency_figures(ttft, tpot, with_p99=False))
+    return rec
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="gpt2-xl")
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--num-adapters", type=int, default=4)
+    p.add_argument("--targets", default="c_attn,all")
+    p.add_argument("--scale", type=float, default=1.0)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    from engine import LLM, EngineConfig
+    from engine.loader import load_hf_config
+
+    base_cfg = dict(model=args.model, load_format="dummy", device=args.device,
+                    dtype="float16" if args.device == "cuda" else "float32")
+    hf = load_hf_config(EngineConfig(**base_cfg))
+    w1 = build_workload("W1", args.scale, hf.vocab_size, hf.n_positions)
+    w3 = build_workload("W3", args.scale, hf.vocab_size, hf.n_positions)
+    common = {"model": args.model, "device": device_name(torch.device(args.device)), "commit": git_commit(),
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "rank": args.rank, "num_adapters": args.num_adapters}
+    records: list[dict[str, Any]] = []
+    tmp = Path(tempfile.mkdtemp(prefix="lora-bench-"))
+
+    def measure(engine: str, targets: str | None, config: dict[str, Any]) -> None:
+        log(f"building {engine} ({targets})")
+        llm = LLM(EngineConfig(**base_cfg, **config))
+        warm_up_engine(llm)
+        names = sorted(llm.engine.lora_names)
+        cases = [("W1", None), ("W3", None)] if not names else \
+            [("W1", [names[i % len(names)] for i in range(len(w1.prompts))]), ("W3", names[0]), ("W3", None)]
+        for workload, lora in cases:
+            rec = {**common, "engine": engine, "targets": targets, "workload": workload,
+                   "adapters_used": (len(set(lora)) if isinstance(lora, list) else int(lora is not None))}
+            rec.update(run_w1(llm, w1, lora) if workload == "W1" else run_w3(llm, w3, lora))
+            log(f"{engine} {targets} {workload} adapters {rec['adapters_used']}: out tok/s {rec['out_tok_s']}, "
+                f"TPOT p50 {rec.get('tpot_ms_p50')} ms")
+            records.append(rec)
+            write_results(records, args.out, markdown)
+        del llm
+        gc.collect()
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+
+    measure("base", None, {})
+    for targets in args.targets.split(","):
+        modules = [{"name": f"{targets}-{i}", "path": str(write_adapter(
+            tmp / f"{targets}-{i}", args.rank, TARGETS[targets], hf.n_layer, hf.n_embd, seed=i))}
+            for i in range(args.num_adapters)]
+        measure("lora", targets, dict(enable_lora=True, max_loras=args.num_adapters, max_lora_rank=args.rank,
+                                      lora_modules=modules))
+    return records
+
+
+def markdown(records: list[dict[str, Any]]) -> str:
+    base = {r["workload"]: r for r in records if r["engine"] == "base"}
+    lines = ["| engine | targets | workload | adapters used | out tok/s | TPOT p50 ms | vs base |", "|---|---|---|---|---|---|---|"]
+    for r in records:
+        b = base.get(r["workload"])
+        if r["workload"] == "W1":
+            ratio = f"{r['out_tok_s'] / b['out_tok_s']:.2f} of base tok/s" if b else ""
+        else:
+            ratio = f"x{r['tpot_ms_p50'] / b['tpot_ms_p50']:.2f} TPOT" if b else ""
+        lines.append(f"| {r['engine']} | {r['targets'] or '-'} | {r['workload']} | {r['adapters_used']} | "
+                     f"{r['out_tok_s']} | {r.get('tpot_ms_p50')} | {ratio} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
