@@ -5,32 +5,13 @@ On a CPU machine the kernel runs in the Triton interpreter at small, deliberatel
 """
 
 import itertools
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
+from tests.kernels.kernel_testing import DEVICE, interpreter_only, needs_gpu, randn as _randn, rel_err as _rel_err  # noqa: F401
 from kernels import decode_linear as dl  # noqa: E402
 from kernels.decode_linear import fused_linear, fused_linear_ref, use_fused_linear  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def needs_gpu(test):
-    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")(test))
-
-
-# The exhaustive small-shape sweeps are for the interpreter: on a GPU each of their ~100 (flags x config) variants
-# would be a separate compile (over a minute); the gpu tests below cover the real shapes and every code path.
-interpreter_only = pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter sweep; see the gpu tests")
-
-
-def _randn(*shape, dtype=torch.float32, seed=0, device=DEVICE, scale=1.0, offset=0.0):
-    gen = torch.Generator().manual_seed(seed)
-    return (torch.randn(*shape, generator=gen) * scale + offset).to(device=device, dtype=dtype)
 
 
 def _problem(m, k, n, *, ln, bias, gelu, res, dtype=torch.float32, seed=0, device=DEVICE):
@@ -46,10 +27,6 @@ def _problem(m, k, n, *, ln, bias, gelu, res, dtype=torch.float32, seed=0, devic
         residual=_randn(m, n, dtype=dtype, seed=seed + 5, device=device) if res else None,
     )
     return x, w, kwargs
-
-
-def _rel_err(y, ref):
-    return ((y.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-6)).item()
 
 
 def _check(y, ref, tol):

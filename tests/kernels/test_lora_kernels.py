@@ -5,27 +5,13 @@ every shape spans several row tiles, K chunks and N tiles); the ``gpu`` tests ru
 in fp16 and capture the decode path in a CUDA graph.
 """
 
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
+from tests.kernels.kernel_testing import DEVICE, interpreter_only, needs_gpu, randn as _randn, rel_err as _rel_err  # noqa: F401
 from kernels import lora  # noqa: E402
 from kernels.lora import apply_lora, lora_delta_ref, lora_expand, lora_segments, lora_shrink  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def needs_gpu(test):
-    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")(test))
-
-
-def _randn(*shape, dtype=torch.float32, seed=0, device=DEVICE, scale=1.0, offset=0.0):
-    gen = torch.Generator().manual_seed(seed)
-    return (torch.randn(*shape, generator=gen) * scale + offset).to(device=device, dtype=dtype)
 
 
 def _slots(t, s, seed, device=DEVICE):
@@ -46,10 +32,6 @@ def _problem(t, k, n, r, s, *, dtype=torch.float32, seed=0, device=DEVICE):
     b = _randn(s, n, r, dtype=dtype, seed=seed + 2, device=device, scale=r ** -0.5)
     y0 = _randn(t, n, dtype=dtype, seed=seed + 3, device=device)
     return x, a, b, y0
-
-
-def _rel_err(y, ref):
-    return ((y.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-6)).item()
 
 
 def _check_apply(x, a, b, ids, y0, config, tol, column_offset=0):
