@@ -50,12 +50,24 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
 def telemetry_args(cfg: ServiceConfig) -> dict[str, Any]:
     """What a worker's metrics need: the model's name for labels, and the price of the GPUs it holds."""
     return {"model_name": cfg.model_name, "cost": cfg.cost.model_dump(mode="json"),
-            "actor_num_gpus": float(cfg.worker.ray_actor_options.get("num_gpus", 0))}
+            "actor_num_gpus": sum(b.get("GPU", 0.0) for b in worker_options(cfg).get(
+                "placement_group_bundles", [{"GPU": cfg.worker.ray_actor_options.get("num_gpus", 0)}]))}
 
 
 def worker_options(cfg: ServiceConfig) -> dict[str, Any]:
-    """Serve options of the worker deployment; autoscaling goes by engine load unless a policy is named."""
+    """Serve options of the worker deployment; autoscaling goes by engine load unless a policy is named. A
+    tensor/pipeline-parallel engine gets a placement group of one bundle per rank, each with the replica's own
+    CPUs and GPUs (engine/distributed.py starts the other ranks in them)."""
     opts = cfg.worker.serve_options()
+    ranks = cfg.engine.tensor_parallel_size * cfg.engine.pipeline_parallel_size
+    if ranks > 1 and "placement_group_bundles" not in opts:
+        actor = cfg.worker.ray_actor_options
+        bundle = {"CPU": float(actor.get("num_cpus", 1))}
+        if actor.get("num_gpus"):
+            bundle["GPU"] = float(actor["num_gpus"])
+        opts["placement_group_bundles"] = [dict(bundle) for _ in range(ranks)]
+    if "placement_group_bundles" in opts:
+        opts.setdefault("placement_group_strategy", "STRICT_PACK")
     if "autoscaling_config" in opts and "policy" not in opts["autoscaling_config"]:
         opts["autoscaling_config"] = {**opts["autoscaling_config"], "policy": {"policy_function": POLICY_PATH}}
     return opts

@@ -25,13 +25,15 @@ from pathlib import Path
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
+from fastapi.responses import (FileResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response,
+                               StreamingResponse)
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from pydantic import BaseModel, ValidationError
 from ray import serve
 
 from actors import openai_api as oa
 from actors.metrics import SnapshotCollector
+from actors.protocol import LoRARef
 from actors.routing import ROUTING_POLICIES
 from actors.settings import ServiceConfig
 from actors.streams import Job, Streams, detached
@@ -179,6 +181,9 @@ class Ingress:
         self.m_generation_tokens = Counter("gpt2serve:http_generation_tokens", "Tokens sent to clients.",
                                            registry=self.registry)
         self.live = LiveView()
+        self.loras: dict[str, LoRARef] = {}  # name -> load: the scheduler's registry, as last seen
+        merged = next((m for m in cfg.engine.lora_modules if m.merge), None)
+        self.merged_lora, self.merged_root = (merged.name, merged.path) if merged else (None, None)
 
     # ------------------------------------------------------------------ endpoints
     @app.get("/health")
@@ -190,9 +195,42 @@ class Ingress:
 
     @app.get("/v1/models")
     async def models(self) -> dict[str, Any]:
-        return {"object": "list", "data": [{
-            "id": self.cfg.model_name, "object": "model", "created": self.created, "owned_by": "gpt2-serve",
-            "root": self.cfg.engine.model, "max_model_len": self.max_model_len}]}
+        """The base model, then each LoRA adapter by name (``parent``: the base model), as vLLM lists them."""
+        base = {"id": self.cfg.model_name, "object": "model", "created": self.created, "owned_by": "gpt2-serve",
+                "root": self.cfg.engine.model, "parent": None, "max_model_len": self.max_model_len}
+        adapters = await self._refresh_loras() if self.cfg.engine.enable_lora else []
+        merged = [{**base, "id": self.merged_lora, "root": self.merged_root, "parent": self.cfg.model_name}
+                  ] if self.merged_lora else []
+        return {"object": "list", "data": [base, *merged, *[
+            {**base, "id": ref.name, "root": ref.path, "parent": self.cfg.model_name}
+            for ref in sorted(adapters, key=lambda r: r.name)]]}
+
+    # ------------------------------------------------------------------ LoRA adapters (docs/lora.md)
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(self, request: Request) -> Response:
+        """Load a PEFT adapter on every worker; from then on requests may name it in ``model``."""
+        try:
+            body = await self._parse(request, oa.LoadLoRAAdapterRequest)
+            status, message = await self.scheduler.load_lora.remote(body.lora_name, body.lora_path)
+        except oa.APIError as e:
+            return error_response(e)
+        if status != 200:
+            return error_response(oa.APIError(status, message, retry_after_s=1 if status == 503 else None))
+        await self._refresh_loras()
+        return PlainTextResponse(message)
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(self, request: Request) -> Response:
+        """Stop serving an adapter: new requests naming it get 404; requests already admitted finish with it."""
+        try:
+            body = await self._parse(request, oa.UnloadLoRAAdapterRequest)
+            status, message = await self.scheduler.unload_lora.remote(body.lora_name)
+        except oa.APIError as e:
+            return error_response(e)
+        if status != 200:
+            return error_response(oa.APIError(status, message, "lora_name"))
+        await self._refresh_loras()
+        return PlainTextResponse(message)
 
     @app.get("/metrics")
     async def metrics(self) -> Response:
@@ -242,7 +280,7 @@ class Ingress:
         arrival = time.monotonic()
         try:
             body = await self._parse(request, oa.CompletionRequest)
-            self._check_model(body.model)
+            lora = await self._resolve_model(body.model)
             for name, unsupported in (("echo", body.echo), ("suffix", body.suffix),
                                       ("best_of", body.best_of not in (None, body.n))):
                 if unsupported:
@@ -250,7 +288,7 @@ class Ingress:
             prompts = [self._tokenize(p) for p in body.prompts()]
             params = self._params(body, prompts, body.max_tokens, body.logprobs)
             rid = self._request_id(request)
-            jobs = await self._start_all(rid, prompts, params, body.priority, arrival)
+            jobs = await self._start_all(rid, prompts, params, body.priority, arrival, lora)
         except oa.APIError as e:
             return self._fail(e)
         first_at = time.monotonic()
@@ -268,7 +306,7 @@ class Ingress:
         arrival = time.monotonic()
         try:
             body = await self._parse(request, oa.ChatCompletionRequest)
-            self._check_model(body.model)
+            lora = await self._resolve_model(body.model)
             if body.top_logprobs is not None and not body.logprobs:
                 raise oa.APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
             prompts = [self._tokenize(oa.render_chat(body.messages), param="messages")]
@@ -276,7 +314,7 @@ class Ingress:
             top_n = (body.top_logprobs or 0) if body.logprobs else None
             params = self._params(body, prompts, max_tokens, top_n, param="messages")
             rid = self._request_id(request)
-            jobs = await self._start_all(rid, prompts, params, body.priority, arrival)
+            jobs = await self._start_all(rid, prompts, params, body.priority, arrival, lora)
         except oa.APIError as e:
             return self._fail(e)
         first_at = time.monotonic()
@@ -305,9 +343,22 @@ class Ingress:
             loc = ".".join(str(x) for x in err["loc"] if not isinstance(x, int) and "[" not in str(x)) or None
             raise oa.APIError(400, f"{loc or 'body'}: {err['msg']}", loc)
 
-    def _check_model(self, name: str | None) -> None:
-        if name is not None and name not in (self.cfg.model_name, self.cfg.engine.model):
-            raise oa.APIError(404, f"The model `{name}` does not exist.", "model")
+    async def _resolve_model(self, name: str | None) -> LoRARef | None:
+        """The adapter a request's ``model`` names (None: the base model); 404 if it names nothing served. From
+        this ingress's copy of the scheduler's registry, refreshed on a miss: the admission has the last word."""
+        if name is None or name in (self.cfg.model_name, self.cfg.engine.model) or name == self.merged_lora:
+            return None
+        if self.cfg.engine.enable_lora:
+            if name not in self.loras:
+                await self._refresh_loras()
+            if name in self.loras:
+                return self.loras[name]
+        raise oa.APIError(404, f"The model `{name}` does not exist.", "model")
+
+    async def _refresh_loras(self) -> list[LoRARef]:
+        listing = await self.scheduler.list_loras.remote()
+        self.loras = {ref.name: ref for ref in listing["adapters"]}
+        return listing["adapters"]
 
     def _tokenize(self, prompt: str | list[int], param: str = "prompt") -> list[int]:
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
@@ -351,8 +402,15 @@ class Ingress:
         return error_response(e)
 
     async def _start_all(self, rid: str, prompts: list[list[int]], params: SamplingParams, priority: int,
-                         arrival: float) -> list[Job]:
-        jobs = await self.streams.start_all(rid, prompts, params, priority)
+                         arrival: float, lora: LoRARef | None = None) -> list[Job]:
+        try:
+            jobs = await self.streams.start_all(rid, prompts, params, priority, lora)
+        except oa.APIError as e:
+            if lora is not None and e.status == 404:  # unloaded since this ingress last looked
+                self.loras.pop(lora.name, None)
+            raise
+        if lora is not None and jobs[0].lora is not None:  # reloaded since: a new uid
+            self.loras[lora.name] = jobs[0].lora
         self.m_ttft.observe(time.monotonic() - arrival)
         self.m_prompt_tokens.inc(sum(len(p) for p in prompts))
         return jobs

@@ -134,6 +134,20 @@ def now_s() -> int:
     return int(time.time())
 
 
+class LoadLoRAAdapterRequest(BaseModel):
+    """``POST /v1/load_lora_adapter``, as vLLM names it."""
+
+    lora_name: StrictStr = Field(min_length=1)
+    lora_path: StrictStr = Field(min_length=1)
+
+
+class UnloadLoRAAdapterRequest(BaseModel):
+    """``POST /v1/unload_lora_adapter``; vLLM's optional ``lora_int_id`` is accepted and ignored (names are unique)."""
+
+    lora_name: StrictStr = Field(min_length=1)
+    lora_int_id: int | None = None
+
+
 class TokenText:
     """Token id → its text, memoised (logprobs name every token, and the same ids recur constantly)."""
 

@@ -20,6 +20,17 @@ from engine.sampling_params import SamplingParams
 _arrival_counter = itertools.count()
 
 
+class LoRARef(NamedTuple):
+    """One load of a LoRA adapter, as the scheduler's registry names it (``actors/lora_registry.py``). ``uid`` is
+    new on every load and the same on every replica: the engines key their prefix caches by it, and a worker that
+    lacks this load (it started later, or the adapter was unloaded after the request was admitted) loads it from
+    ``path`` before running the request."""
+
+    name: str
+    uid: str
+    path: str
+
+
 @dataclass
 class WorkRequest:
     """Ingress → worker: one prompt, already tokenized and validated."""
@@ -28,6 +39,7 @@ class WorkRequest:
     prompt_token_ids: list[int]
     params: SamplingParams
     priority: int = 0
+    lora: LoRARef | None = None
 
 
 @dataclass(eq=False)
@@ -47,6 +59,7 @@ class QueuedRequest:
     # Hashes of the prompt's full KV blocks, chained as the engine keys its prefix cache (``prefix_index.
     # prompt_hashes``); set by the ingress when the routing policy reads them (prefix_aware), else empty.
     prefix_hashes: tuple[int, ...] = ()
+    lora_name: str | None = None  # the adapter the request names (the scheduler answers 404 if none is loaded)
     arrival_time: float = field(default_factory=time.monotonic)
     arrival_seq: int = field(default_factory=lambda: next(_arrival_counter))
     num_computed_tokens: int = 0  # nothing is computed while a request waits for a worker
@@ -60,9 +73,10 @@ class Admission(NamedTuple):
     """Scheduler → ingress: the verdict on one ``QueuedRequest``."""
 
     worker_id: str | None  # the chosen model-worker replica (its Serve unique id); None when refused
-    status: int = 200  # 429 queue full, 400 can never fit, 503 no worker / waited too long
+    status: int = 200  # 429 queue full, 400 can never fit, 404 no such adapter, 503 no worker / waited too long
     message: str = ""
     retry_after_s: float | None = None
+    lora: LoRARef | None = None  # the load of the adapter the request named, as of its admission
 
 
 class TokenLogprob(NamedTuple):

@@ -7,6 +7,10 @@ is cancelled (client gone), the request leaves the queue.
 
 Workers announce themselves by heartbeat, which also carries what their prefix caches gained and lost since the
 last one (``actors/prefix_index.py``); the reply asks a worker for its whole set once when that record has a gap.
+LoRA adapters (``actors/lora_registry.py``): the registry of what requests may name lives here; ``admit`` resolves
+a request's adapter (404 if none), and ``load_lora`` / ``unload_lora`` change the registry and broadcast it to
+every worker, which heartbeats then repeat to any worker still behind.
+
 Workers are routed to only while Serve's controller routes to them too:
 this process holds a handle to the worker deployment whose ``PinnedReplicaRouter`` reports the controller's
 replica set. A replica being scaled down leaves that set before it drains, and so stops getting new requests
@@ -22,11 +26,14 @@ from typing import Any
 from ray import serve
 
 from actors.admission import Dispatcher, Placement, QueueFullError, RequestTooLargeError
+from actors.lora_registry import LoRARegistry, LoRASnapshot
 from actors.metrics import REJECTIONS, SCHEDULER_REPLICA
 from actors.protocol import Admission, QueuedRequest
 from actors.replica_events import watch_replicas
 from actors.routing import ROUTING_POLICIES
 from actors.settings import ServiceConfig
+from actors.streams import detached
+from engine.lora import LoRAError, UnknownLoRAError
 from engine.metrics import SCHEDULER_METRICS, RayBackend
 from policies import SCHEDULING_POLICIES
 
@@ -45,6 +52,9 @@ class Scheduler:
             min_retry_after_s=cfg.min_retry_after_s,
         )
         self.waiters: dict[str, asyncio.Future] = {}
+        self.enable_lora = cfg.engine.enable_lora
+        self.loras = LoRARegistry(cfg.engine.lora_modules, {cfg.model_name, cfg.engine.model})
+        self._lora_lock = asyncio.Lock()
         # Rejections, queue length and routing decisions on Ray's metrics endpoint (the ingress's /metrics reads
         # snapshot()). Decisions are counted by the routing policy and flushed from the expiry loop.
         self._rejected = RayBackend().make(SCHEDULER_METRICS["request_rejected"])
@@ -61,6 +71,12 @@ class Scheduler:
         self._workers._init()
 
     async def admit(self, req: QueuedRequest) -> Admission:
+        lora = None
+        if req.lora_name is not None:
+            try:
+                lora = self.loras.resolve(req.lora_name)
+            except UnknownLoRAError as e:
+                return Admission(None, 404, str(e))
         waiter = asyncio.get_running_loop().create_future()
         self.waiters[req.request_id] = waiter
         try:
@@ -78,7 +94,7 @@ class Scheduler:
                 self._wake(self.core.cancel(req.request_id))
                 return Admission(None, 503, f"no worker could take the request within {self.queue_timeout_s:.0f} s",
                                  self.core.retry_after_s())
-            return Admission(worker_id)
+            return Admission(worker_id, lora=lora)
         except asyncio.CancelledError:
             # Routed or not, the request is over: cancel() drops it from the queue or releases its reservation.
             self._wake(self.core.cancel(req.request_id))
@@ -94,8 +110,66 @@ class Scheduler:
 
     async def heartbeat(self, worker_id: str, info: dict[str, Any]) -> dict[str, Any]:
         self._wake(self.core.heartbeat(worker_id, info))
-        return {"num_waiting": len(self.core.waiting), "num_workers": len(self.core.workers),
-                "send_cache_snapshot": self.core.needs_cache_snapshot(worker_id)}
+        reply = {"num_waiting": len(self.core.waiting), "num_workers": len(self.core.workers),
+                 "send_cache_snapshot": self.core.needs_cache_snapshot(worker_id)}
+        if info.get("lora_version", self.loras.version) < self.loras.version:
+            reply["loras"] = self.loras.snapshot()
+        return reply
+
+    # ------------------------------------------------------------------ LoRA adapters (docs/lora.md)
+    async def list_loras(self) -> dict[str, Any]:
+        return {"adapters": list(self.loras.adapters.values()), "merged": self.loras.merged}
+
+    async def load_lora(self, name: str, path: str) -> tuple[int, str]:
+        """Load an adapter on every worker, then let requests name it: (HTTP status, message)."""
+        if not self.enable_lora:
+            return 400, "LoRA is not enabled on this service (engine.enable_lora: true)"
+        async with self._lora_lock:
+            try:
+                proposal = self.loras.propose(name, path)
+            except LoRAError as e:
+                return 400, str(e)
+            errors = await self._broadcast_loras(proposal, checking=name)
+            if not errors:
+                ref = self.loras.commit()
+                log.info("LoRA adapter %r loaded from %s as %s on %d worker(s)", name, path, ref.uid,
+                         len(self.core.workers))
+                return 200, f"Success: LoRA adapter '{name}' added successfully."
+            await self._broadcast_loras(self.loras.abandon())
+            return errors[0][0], errors[0][1]
+
+    async def unload_lora(self, name: str) -> tuple[int, str]:
+        """Stop admitting requests for ``name`` and tell the workers; requests already admitted finish with it."""
+        async with self._lora_lock:
+            try:
+                snapshot = self.loras.remove(name)
+            except UnknownLoRAError as e:
+                return 404, str(e)
+            except LoRAError as e:
+                return 400, str(e)
+            for status, message in await self._broadcast_loras(snapshot):
+                log.warning("unloading LoRA adapter %r: %s (the worker drops it on a later heartbeat)", name, message)
+            return 200, f"Success: LoRA adapter '{name}' removed successfully."
+
+    async def _broadcast_loras(self, snapshot: LoRASnapshot, checking: str | None = None) -> list[tuple[int, str]]:
+        """Send ``snapshot`` to every worker; the (status, message) of each that failed to load ``checking``
+        (400: the adapter itself is bad) or did not answer (503), 400s first. No worker at all is a 503: nothing
+        could check the adapter."""
+        workers = sorted(self.core.workers)
+        if not workers:
+            return [(503, "no model worker is up to load the adapter on; retry")]
+
+        async def send(worker_id: str) -> tuple[int, str] | None:
+            try:
+                # Detached: concurrent pinned calls made in one request's context can swap replicas.
+                errors = await asyncio.wait_for(
+                    detached(lambda: self._workers.sync_loras.remote(snapshot, replica=worker_id)), 120.0)
+            except Exception as e:  # noqa: BLE001 - a worker that died or hung: its replacement syncs by heartbeat
+                return 503, f"worker {worker_id} did not answer ({e!r}); retry"
+            return (400, errors[checking]) if checking in errors else None
+
+        failed = [r for r in await asyncio.gather(*(send(w) for w in workers)) if r is not None]
+        return sorted(failed)
 
     async def remove_worker(self, worker_id: str) -> None:
         self.core.remove_worker(worker_id)

@@ -38,6 +38,10 @@ class DeploymentSettings(BaseModel):
     health_check_timeout_s: float | None = Field(None, gt=0)
     graceful_shutdown_timeout_s: float | None = Field(None, ge=0)
     logging_config: dict[str, Any] | None = Field(None, description="Serve logging, e.g. {enable_access_log: false}.")
+    placement_group_bundles: list[dict[str, float]] | None = Field(
+        None, description="Resources of each rank of a tensor/pipeline-parallel worker (bundle 0: the replica "
+        "itself); derived from ray_actor_options when the engine has several ranks and this is not given.")
+    placement_group_strategy: str | None = Field(None, description="STRICT_PACK (default with bundles): one node.")
 
     @model_validator(mode="after")
     def _target_below_cap(self) -> "DeploymentSettings":

@@ -31,7 +31,7 @@ from ray.serve.exceptions import ReplicaUnavailableError
 
 from actors.openai_api import APIError
 from actors.prefix_index import prompt_hashes
-from actors.protocol import QueuedRequest, Refusal, StepItem, WorkerError, WorkRequest
+from actors.protocol import Admission, LoRARef, QueuedRequest, Refusal, StepItem, WorkerError, WorkRequest
 from engine.sampling_params import SamplingParams
 
 log = logging.getLogger("ray.serve")
@@ -99,6 +99,7 @@ class Job:
     channel: Channel | None = None
     queue: asyncio.Queue | None = None
     first: StepItem | None = None
+    lora: LoRARef | None = None  # the adapter load its admission named
     submitted: bool = False
     done: bool = False
     worker_failed: bool = False
@@ -119,25 +120,29 @@ class Streams:
         self._background: set[asyncio.Task] = set()
 
     async def start_all(self, rid: str, prompts: list[list[int]], params: SamplingParams,
-                        priority: int, lora_id: str | None = None) -> list[Job]:
+                        priority: int, lora: LoRARef | None = None) -> list[Job]:
+        """``lora``: the adapter the request names, as this ingress last knew it (its uid keys the prefix hashes;
+        the scheduler's admission says which load the request really gets)."""
         # Engine ids must be unique even when two clients send the same X-Request-Id.
         base = f"{rid}-{uuid.uuid4().hex[:8]}"
         jobs = [Job(f"{base}-{i}", ids) for i, ids in enumerate(prompts)]
         try:
-            await asyncio.gather(*(self.start(job, params, priority, lora_id) for job in jobs))
+            await asyncio.gather(*(self.start(job, params, priority, lora) for job in jobs))
         except BaseException:
             self.close(jobs)
             raise
         return jobs
 
-    async def start(self, job: Job, params: SamplingParams, priority: int, lora_id: str | None = None) -> None:
+    async def start(self, job: Job, params: SamplingParams, priority: int, lora: LoRARef | None = None) -> None:
         max_new = params.max_tokens if params.max_tokens is not None else self.max_model_len - len(job.prompt_ids)
-        hashes = (prompt_hashes(job.prompt_ids, self.hash_block_size, lora_id)
+        hashes = (prompt_hashes(job.prompt_ids, self.hash_block_size, lora.uid if lora else None)
                   if self.hash_block_size else ())  # ~1 µs per block: blake2b over 16 token ids
         for _ in range(self.max_attempts):
-            job.worker_id = await self._admit(QueuedRequest(job.request_id, len(job.prompt_ids), max_new, params.n,
-                                                            priority, hashes))
-            refusal = await self._submit(job, WorkRequest(job.request_id, job.prompt_ids, params, priority))
+            verdict = await self._admit(QueuedRequest(job.request_id, len(job.prompt_ids), max_new, params.n,
+                                                      priority, hashes, lora.name if lora else None))
+            job.worker_id, job.lora = verdict.worker_id, verdict.lora
+            refusal = await self._submit(job, WorkRequest(job.request_id, job.prompt_ids, params, priority,
+                                                          verdict.lora))
             if refusal is None:
                 break
             job.attempts.append(refusal.reason)
@@ -157,7 +162,7 @@ class Streams:
         job.first = first
         job.done = first.finished
 
-    async def _admit(self, req: QueuedRequest) -> str:
+    async def _admit(self, req: QueuedRequest) -> Admission:
         call = self.scheduler.admit.remote(req)
         try:
             verdict = await call
@@ -168,8 +173,9 @@ class Streams:
         except WORKER_LOST as e:  # Serve restarts the scheduler; its queue is lost, so the client retries
             raise APIError(503, f"the scheduler is unavailable ({type(e).__name__}); retry", retry_after_s=1)
         if verdict.worker_id is None:
-            raise APIError(verdict.status, verdict.message, retry_after_s=verdict.retry_after_s)
-        return verdict.worker_id
+            raise APIError(verdict.status, verdict.message, "model" if verdict.status == 404 else None,
+                           retry_after_s=verdict.retry_after_s)
+        return verdict
 
     async def _release_if_admitted(self, call, request_id: str) -> None:
         """After cancelling ``admit``: if the scheduler had already answered (the cancel came too late to undo

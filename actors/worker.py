@@ -14,6 +14,8 @@ Calls, all pinned to this replica by ``PinnedReplicaRouter``:
   away, every request it carried is aborted.
 - ``submit(work, channel_id)``: starts a request whose deltas go to that channel. Refused (a reason string)
   if this is not the replica the scheduler chose or the channel is unknown, so the ingress can retry.
+- ``sync_loras(snapshot)``: the scheduler's LoRA registry changed (``actors/lora_registry.py``); answers with
+  the adapters this replica could not load.
 - ``abort(request_id)``: the client went away. Cancelling the request's task closes the engine's
   ``generate``, which aborts the request and frees its blocks (the engine's one place for cancellation).
 
@@ -37,11 +39,13 @@ from typing import Any, AsyncIterator
 
 from ray import serve
 
+from actors.lora_registry import LoRASnapshot, WorkerAdapters
 from actors.prefix_index import CacheReport
 from actors.protocol import Refusal, StepItem, WorkerError, WorkRequest, pack_output
 from engine.async_llm import AsyncLLM
 from engine.config import EngineConfig
 from engine.errors import InvalidRequestError
+from engine.lora import LoRAError
 from engine.metrics import (CostConfig, FanoutBackend, PrometheusBackend, RayBackend, ServingMetrics,
                             gpu_memory_used_bytes, observe_steps)
 
@@ -83,6 +87,8 @@ class ModelWorker:
         self.counters: Counter[str] = Counter()
         self.global_queue_share = 0.0  # this worker's share of the scheduler's queue, from heartbeat replies
         self.cache_report = CacheReport()
+        self.adapters = WorkerAdapters(self.llm)
+        self._lora_task: asyncio.Task | None = None
         self._heartbeat_task = asyncio.get_running_loop().create_task(self._heartbeat_loop())
 
     # ------------------------------------------------------------------ streaming
@@ -139,17 +145,22 @@ class ModelWorker:
     async def _run(self, work: WorkRequest, box: Outbox) -> None:
         finished = False
         invalid = False
+        acquired = False
         self.metrics.request_started(work.request_id)
         try:
+            lora_name = None
+            if work.lora is not None:  # usually held already; else loaded now (see actors/lora_registry.py)
+                lora_name = await self.adapters.acquire(work.lora)
+                acquired = True
             async for out in self.llm.generate(work.prompt_token_ids, work.params, request_id=work.request_id,
-                                               priority=work.priority):
+                                               priority=work.priority, lora_name=lora_name):
                 finished = out.finished
                 self.metrics.on_output(out)
                 box.put(work.request_id, pack_output(out))
-        except InvalidRequestError as e:  # raised before the first step: nothing was allocated
+        except (InvalidRequestError, LoRAError) as e:  # raised before the first step: nothing was allocated
             finished = invalid = True
             self.counters["invalid"] += 1
-            box.put(work.request_id, WorkerError(str(e), e.param, 400))
+            box.put(work.request_id, WorkerError(str(e), getattr(e, "param", "model"), 400))
         except asyncio.CancelledError:
             pass  # aborted: the engine freed the request's blocks when its generator closed
         except Exception as e:  # noqa: BLE001 - an engine step failed; the engine already dropped the request
@@ -157,10 +168,29 @@ class ModelWorker:
             log.exception("request %s failed in the engine", work.request_id)
             box.put(work.request_id, WorkerError(f"the engine failed this request: {e!r}", None, 500))
         finally:
+            if acquired:
+                self.adapters.release(work.lora)
             box.requests.discard(work.request_id)
             self.tasks.pop(work.request_id, None)
             self.counters["finished" if finished else "cancelled"] += 1
             self.metrics.request_ended(work.request_id, aborted=not invalid)  # no-op if it finished
+
+    # ------------------------------------------------------------------ LoRA adapters
+    async def sync_loras(self, snapshot: LoRASnapshot, replica: str | None = None) -> dict[str, str]:
+        """Hold the adapters ``snapshot`` names (call pinned); {name: why not} for those that failed to load."""
+        if replica is not None and replica != self.replica_id:
+            raise RuntimeError(f"sync_loras for replica {replica} reached {self.replica_id}")
+        return await self.adapters.sync(snapshot)
+
+    def _lora_housekeeping(self, snapshot: LoRASnapshot | None) -> None:
+        """From a heartbeat reply: catch up with a registry version this replica missed, or drop loads that the
+        last requests using them have now released. In the background: loading reads files."""
+        if self._lora_task is not None and not self._lora_task.done():
+            return  # the next heartbeat asks again
+        if snapshot is not None:
+            self._lora_task = asyncio.get_running_loop().create_task(self.adapters.sync(snapshot))
+        elif self.adapters.has_unwanted():
+            self._lora_task = asyncio.get_running_loop().create_task(self.adapters.sweep())
 
     # ------------------------------------------------------------------ metrics
     def _init_metrics(self, telemetry: dict[str, Any], started: float) -> None:
@@ -202,6 +232,7 @@ class ModelWorker:
             "requests_cancelled": self.counters["cancelled"], "requests_invalid": self.counters["invalid"],
             "requests_misrouted": self.counters["misrouted"],
             "active_request_ids": sorted(self.tasks),
+            **self.adapters.info(),
         }
 
     def _cache_fields(self) -> dict[str, Any]:
@@ -237,6 +268,7 @@ class ModelWorker:
                 self.global_queue_share = reply["num_waiting"] / max(reply["num_workers"], 1)
                 if reply.get("send_cache_snapshot"):  # the scheduler's record has a gap (restart, lost report)
                     self.cache_report.snapshot_due = True
+                self._lora_housekeeping(reply.get("loras"))
             except Exception as e:  # noqa: BLE001 - the scheduler may be starting or restarting; keep trying
                 log.warning("heartbeat to the scheduler failed: %r", e)
             await asyncio.sleep(self.heartbeat_interval_s)

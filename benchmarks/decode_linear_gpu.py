@@ -141,18 +141,13 @@ def time_do_bench(fn, quick=False) -> float:
                                    return_mode="median") * 1e3
 
 
-def time_graph(calls, n_calls=100, replays=10) -> float:
-    """us per call: ``n_calls`` calls (cycling through ``calls``) captured into one CUDA graph, replayed;
-    median over replays. Matches how the engine runs decode (graph replay, no launch overhead on the host)."""
-    if not torch.cuda.is_available():  # --small on a CPU: exercise the code, the number means nothing
-        t = time.perf_counter()
-        for j in range(min(n_calls, 2)):
-            calls[j % len(calls)]()
-        return (time.perf_counter() - t) * 1e6 / min(n_calls, 2)
+def capture_calls(calls, n_calls: int, warm_up: int = 3) -> torch.cuda.CUDAGraph:
+    """One CUDA graph of ``n_calls`` calls cycling through ``calls``, after an eager warm-up of the first
+    ``warm_up`` on a side stream (it compiles, and allocates the split-K workspace), replayed once."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # eager warm-up: compiles, and allocates the split-K workspace
-        for f in calls[: min(3, len(calls))]:
+    with torch.cuda.stream(stream):
+        for f in calls[: min(warm_up, len(calls))]:
             f()
     torch.cuda.current_stream().wait_stream(stream)
     torch.cuda.synchronize()
@@ -162,6 +157,18 @@ def time_graph(calls, n_calls=100, replays=10) -> float:
             calls[j % len(calls)]()
     graph.replay()
     torch.cuda.synchronize()
+    return graph
+
+
+def time_graph(calls, n_calls=100, replays=10) -> float:
+    """us per call: ``n_calls`` calls (cycling through ``calls``) captured into one CUDA graph, replayed;
+    median over replays. Matches how the engine runs decode (graph replay, no launch overhead on the host)."""
+    if not torch.cuda.is_available():  # --small on a CPU: exercise the code, the number means nothing
+        t = time.perf_counter()
+        for j in range(min(n_calls, 2)):
+            calls[j % len(calls)]()
+        return (time.perf_counter() - t) * 1e6 / min(n_calls, 2)
+    graph = capture_calls(calls, n_calls)
     times = []
     for _ in range(replays):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

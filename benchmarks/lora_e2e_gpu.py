@@ -6,8 +6,10 @@ GPT-2 XL, fp16 dummy weights; 4 rank-16 adapters in the PEFT layout with random 
 directory and loaded through the engine's real path (``lora_modules``). Two targetings are measured: PEFT's
 default for GPT-2 (``c_attn`` only) and every linear layer (``c_attn``, ``c_proj``, ``c_fc``). Engines:
 ``base`` (LoRA off), and for each targeting ``lora`` (``enable_lora``, ``max_loras`` 4): W1 with request i using
-adapter i mod 4, W3 (batch 1) with one adapter, and W3 on the LoRA engine with no adapter named (the cost of the
-LoRA kernels in the graphs when nobody uses them). Timing as ``benchmarks/offline.py``.
+adapter i mod 4, W3 (batch 1) with one adapter, and W3 on the LoRA engine with no adapter named (its steps replay
+the graphs without LoRA). Timing as ``benchmarks/offline.py``; W3 rows also give ``decode_graph_ms``, the GPU time
+of the batch-1 decode graph the case replays (plain, or LoRA with its row on a slot) timed alone, without the
+host's share of a step.
 """
 
 from __future__ import annotations
@@ -77,6 +79,28 @@ def run_w3(llm, wl, lora) -> dict[str, Any]:
     return rec
 
 
+def decode_graph_ms(llm, lora_slot: int | None, replays: int = 200) -> float | None:
+    """GPU time of one batch-1 decode step alone: the plain graph, or the LoRA graph with its row on
+    ``lora_slot``, replayed ``replays`` times between CUDA events (TPOT adds the host's share of a step)."""
+    graphs = llm.engine.runner.graphs
+    if graphs is None:
+        return None
+    graph = (graphs.graphs if lora_slot is None else graphs.lora_graphs).get(1)
+    if graph is None:
+        return None
+    graphs.slot_mapping[:1].fill_(-1)  # store no K/V over a cached block
+    if lora_slot is not None:
+        graphs.lora_slots[:1].fill_(lora_slot)
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return round(start.elapsed_time(end) / replays, 4)
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="gpt2-xl")
@@ -112,8 +136,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             rec = {**common, "engine": engine, "targets": targets, "workload": workload,
                    "adapters_used": (len(set(lora)) if isinstance(lora, list) else int(lora is not None))}
             rec.update(run_w1(llm, w1, lora) if workload == "W1" else run_w3(llm, w3, lora))
+            if workload == "W3" and args.device == "cuda":
+                rec["decode_graph_ms"] = decode_graph_ms(llm, 0 if lora else None)
             log(f"{engine} {targets} {workload} adapters {rec['adapters_used']}: out tok/s {rec['out_tok_s']}, "
-                f"TPOT p50 {rec.get('tpot_ms_p50')} ms")
+                f"TPOT p50 {rec.get('tpot_ms_p50')} ms, decode graph {rec.get('decode_graph_ms')} ms")
             records.append(rec)
             write_results(records, args.out, markdown)
         del llm
@@ -132,15 +158,19 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
 def markdown(records: list[dict[str, Any]]) -> str:
     base = {r["workload"]: r for r in records if r["engine"] == "base"}
-    lines = ["| engine | targets | workload | adapters used | out tok/s | TPOT p50 ms | vs base |", "|---|---|---|---|---|---|---|"]
+    lines = ["| engine | targets | workload | adapters used | out tok/s | TPOT p50 ms | vs base | decode graph ms |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in records:
         b = base.get(r["workload"])
         if r["workload"] == "W1":
             ratio = f"{r['out_tok_s'] / b['out_tok_s']:.2f} of base tok/s" if b else ""
         else:
             ratio = f"x{r['tpot_ms_p50'] / b['tpot_ms_p50']:.2f} TPOT" if b else ""
+            g, bg = r.get("decode_graph_ms"), b.get("decode_graph_ms") if b else None
+            if g is not None and bg:
+                ratio += f" (graph x{g / bg:.2f})"
         lines.append(f"| {r['engine']} | {r['targets'] or '-'} | {r['workload']} | {r['adapters_used']} | "
-                     f"{r['out_tok_s']} | {r.get('tpot_ms_p50')} | {ratio} |")
+                     f"{r['out_tok_s']} | {r.get('tpot_ms_p50')} | {ratio} | {r.get('decode_graph_ms', '-')} |")
     return "\n".join(lines) + "\n"
 
 

@@ -16,6 +16,13 @@ Needs only torch + triton. On a GPU, for each of XL's four linear shapes (c_attn
        - ``shrink`` and ``expand`` alone (the two launches of ``lora``),
        - ``segments``: ``lora_segments`` alone (paid once per step, not per layer),
        - for T <= 64 both row-tiling paths (``masked``, ``sorted``), to place ``MASKED_MAX_ROWS``.
+  3. ``--section decode`` (also in the default ``all``): the decode layers as the engine runs them inside its CUDA
+     graphs (``engine.layers.linear.Linear`` with GPT-2's fusion per layer: LayerNorm for c_attn and c_fc, GELU
+     for c_fc, the residual for the c_proj layers) at T = 1, 4, 8: ``plain`` (no LoRA: the fused decode linear),
+     ``fused_lora`` (one kernel: the fused linear's producer programs compute the shrink, LayerNorm folded in,
+     and its epilogue adds the delta), ``two_launch_lora`` (the shrink as a kernel of its own before the fused
+     linear, whose epilogue adds its result), ``unfused_lora`` (the earlier path: separate LayerNorm / GELU / residual
+     ops around apply_lora); each checked against the fp32 reference. ``overhead`` = fused_lora - plain: what an adapter adds per layer.
 Slot ids are random over the ``--slots`` adapters, interleaved, with ``--no-adapter-frac`` of the rows set to -1.
 x and y are the same tensors in every call of a graph (L2-warm, as after the base linear that just wrote y).
 Prints a markdown table; --out writes everything as JSON. Exit status 1 if a correctness check fails.
@@ -43,7 +50,7 @@ if not torch.cuda.is_available():
 import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 
-from benchmarks.decode_linear_gpu import L2_DEFEAT_BYTES, rel_err, time_graph  # noqa: E402
+from benchmarks.decode_linear_gpu import L2_DEFEAT_BYTES, capture_calls, rel_err, time_graph  # noqa: E402
 from kernels import lora  # noqa: E402
 
 TOL = {torch.float16: 1e-3, torch.bfloat16: 1e-2}
@@ -131,6 +138,140 @@ def bench_case(case: Case, rank: int, slots: int, small: bool) -> dict:
     return rec
 
 
+# GPT-2's fusion of each decode layer: (LayerNorm before, activation, residual after).
+DECODE_FUSION = {"c_attn": (True, None, False), "attn.c_proj": (False, None, True),
+                 "c_fc": (True, "gelu_tanh", False), "mlp.c_proj": (False, None, True)}
+
+
+def _graph_output(fn):
+    """fn's result when captured and replayed (the Linear's fused paths run only under capture)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    return out.clone()
+
+
+def kernel_us(calls, n_calls: int = 20, replays: int = 5) -> dict[str, float]:
+    """GPU time per call of each kernel, by name: torch.profiler over replays of a CUDA graph of ``n_calls``
+    calls (cycling through ``calls``). Next to ``time_graph``'s time per call, it shows what is kernel time and
+    what is the gaps between the graph's kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    graph = capture_calls(calls, n_calls, warm_up=1)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            graph.replay()
+        torch.cuda.synchronize()
+    out = {}
+    for evt in prof.key_averages():
+        us = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0.0)
+        if us:
+            out[evt.key] = round(us / (replays * n_calls), 2)
+    return out
+
+
+def bench_decode(name: str, k: int, n: int, t: int, rank: int, slots: int, dtype, device, small: bool,
+                 profile_kernels: bool = False) -> dict:
+    from engine.layers.basic import LayerNorm
+    from engine.layers.linear import Linear
+
+    has_ln, act, has_res = DECODE_FUSION[name]
+    if device.type == "cuda":  # as DecodeGraphs does before capturing: split-K and the LoRA producers need it
+        from kernels.decode_linear import reserve_scratch
+
+        reserve_scratch(device)
+    gen = torch.Generator(device=device).manual_seed(t * 31 + n)
+
+    def rnd(*shape, scale=1.0, offset=0.0):
+        return (torch.randn(*shape, generator=gen, device=device) * scale + offset).to(dtype)
+
+    elt = torch.tensor([], dtype=dtype).element_size()
+    layers = []
+    for _ in range(copies_for(n * k * elt, small)):
+        layer = Linear(k, n).to(device)
+        layer.weight.data = rnd(n, k, scale=k ** -0.5)
+        layer.bias.data = rnd(n, scale=0.1)
+        layer.lora_a = rnd(slots, rank, k, scale=k ** -0.5)
+        layer.lora_b = rnd(slots, n, rank, scale=rank ** -0.5)
+        layer.lora_targeted = True
+        layers.append(layer)
+    norm = LayerNorm(k, 1e-5).to(device=device, dtype=dtype)
+    norm.weight.data, norm.bias.data = rnd(k, scale=0.2, offset=1.0), rnd(k, scale=0.1)
+    x, res = rnd(t, k, scale=2.0, offset=0.3), rnd(t, n)
+    ids = torch.randint(0, slots, (t,), generator=gen, device=device, dtype=torch.int32)
+
+    def call(i, slot_ids):
+        return layers[i % len(layers)](x, norm=norm if has_ln else None, activation=act,
+                                       residual=res if has_res else None, lora_slots=slot_ids)
+
+    graph_kw = dict(n_calls=2, replays=1) if small else dict(n_calls=100, replays=10)
+    calls = range(len(layers))
+    rec = dict(layer=name, K=k, N=n, T=t)
+    l0 = layers[0]
+    h = F.layer_norm(x.float(), (k,), norm.weight.float(), norm.bias.float(), norm.eps) if has_ln else x.float()
+    ref = F.linear(h, l0.weight.float(), l0.bias.float()) + lora.lora_delta_ref(h, l0.lora_a, l0.lora_b, ids)
+    ref = F.gelu(ref, approximate="tanh") if act else ref
+    ref = ref + res.float() if has_res else ref
+    rec["rel_err"] = rel_err(_graph_output(lambda: call(0, ids)), ref) if device.type == "cuda" else 0.0
+    rec["ok"] = rec["rel_err"] <= TOL[dtype]
+    rec["plain_us"] = time_graph([lambda i=i: call(i, None) for i in calls], **graph_kw)
+    rec["fused_lora_us"] = time_graph([lambda i=i: call(i, ids) for i in calls], **graph_kw)
+    def two_launches(i):  # the shrink as a kernel of its own, the fused linear's epilogue adding its result
+        from kernels.decode_linear import LoraDelta, fused_linear
+
+        layer = layers[i % len(layers)]
+        ln = dict(ln_weight=norm.weight, ln_bias=norm.bias) if has_ln else {}
+        h_parts = lora.lora_shrink_partials(x, layer.lora_a, ids, **ln)
+        delta = LoraDelta(layer.lora_b, ids, h_parts=h_parts, ln_eps=norm.eps if has_ln else None)
+        return fused_linear(x, layer.weight, layer.bias, **ln, ln_eps=norm.eps, activation=act,
+                            residual=res if has_res else None, lora=delta)
+
+    rec["two_launch_lora_us"] = time_graph([lambda i=i: two_launches(i) for i in calls], **graph_kw)
+    if profile_kernels and device.type == "cuda":
+        rec["kernels_us"] = {"plain": kernel_us([lambda i=i: call(i, None) for i in calls]),
+                             "fused_lora": kernel_us([lambda i=i: call(i, ids) for i in calls]),
+                             "two_launch_lora": kernel_us([lambda i=i: two_launches(i) for i in calls])}
+    for layer in layers:  # the earlier path: LoRA outside the fused kernel
+        layer._fuses_lora = lambda x: False
+    rec["unfused_lora_us"] = time_graph([lambda i=i: call(i, ids) for i in calls], **graph_kw)
+    rec["overhead_us"] = rec["fused_lora_us"] - rec["plain_us"]
+    return rec
+
+
+def run_decode(args, dtype, device, report, dump) -> bool:
+    all_ok = True
+    rows = []
+    for name, (k, n) in layer_shapes(args.small).items():
+        for t in (1, 4, 8):
+            rec = bench_decode(name, k, n, t, args.rank, args.slots, dtype, device, args.small,
+                               profile_kernels=args.profile and t in (1, 4))
+            all_ok &= rec["ok"]
+            rows.append(rec)
+            report["decode_rows"] = rows
+            dump()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    print("\n| layer | T | plain us | fused lora us | overhead us | two-launch lora us | unfused lora us | rel err |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['layer']} | {r['T']} | {r['plain_us']:.2f} | {r['fused_lora_us']:.2f} | {r['overhead_us']:.2f} "
+              f"| {r['two_launch_lora_us']:.2f} | {r['unfused_lora_us']:.2f} "
+              f"| {r['rel_err']:.1e}{'' if r['ok'] else ' FAIL'} |")
+    print("(decode layers as the engine's graphs run them; us per call, CUDA-graph replay median)")
+    for r in rows:
+        for variant, kernels in r.get("kernels_us", {}).items():
+            listed = ", ".join(f"{k[:40]} {v}" for k, v in sorted(kernels.items(), key=lambda kv: -kv[1]))
+            print(f"  kernels {r['layer']} T={r['T']} {variant}: {listed} (sum {sum(kernels.values()):.2f} us)")
+    return all_ok
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None, help="write the results as JSON here")
@@ -140,6 +281,10 @@ def main() -> int:
     ap.add_argument("--no-adapter-frac", type=float, default=0.0, help="fraction of rows with slot -1")
     ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
     ap.add_argument("--small", action="store_true", help="tiny shapes (CPU smoke test under the interpreter)")
+    ap.add_argument("--section", default="all", choices=["all", "apply", "decode"],
+                    help="apply: apply_lora per layer (1, 2); decode: the fused decode layers (3)")
+    ap.add_argument("--profile", action="store_true",
+                    help="decode: also each variant's GPU time per kernel (torch.profiler), at T = 1 and 4")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu" and not args.small:
@@ -164,6 +309,12 @@ def main() -> int:
     print(f"== {report['device']}, torch {torch.__version__}, triton {triton.__version__}, {args.dtype}, "
           f"rank {args.rank}, {args.slots} slots")
     all_ok = True
+    if args.section in ("all", "decode"):
+        all_ok &= run_decode(args, dtype, device, report, dump)
+        if args.section == "decode":
+            dump()
+            print(f"correctness: {'all ok' if all_ok else 'FAILURES'}; total {time.perf_counter() - t0:.0f} s")
+            return 0 if all_ok else 1
     for name, (k, n) in layer_shapes(args.small).items():
         for t in ts:
             case = Case(k, n, t, args.rank, args.slots, args.no_adapter_frac, dtype, device, args.small, seed=t)

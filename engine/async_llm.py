@@ -12,7 +12,7 @@ import asyncio
 import logging
 import uuid
 from collections import deque
-from typing import AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable
 
 from engine.config import EngineConfig
 from engine.errors import InvalidRequestError
@@ -32,12 +32,13 @@ class AsyncLLM:
         self._loop_task: asyncio.Task | None = None
 
     async def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
-                       request_id: str | None = None, priority: int = 0) -> AsyncIterator[RequestOutput]:
+                       request_id: str | None = None, priority: int = 0,
+                       lora_name: str | None = None) -> AsyncIterator[RequestOutput]:
         """Yields one RequestOutput per step with this request's new tokens and text (deltas)."""
         request_id = request_id or uuid.uuid4().hex
         if request_id in self._queues:
             raise InvalidRequestError(f"request id {request_id!r} is already in flight", "request_id")
-        req, state = self.engine.make_request(request_id, prompt, params, priority, stream=True)
+        req, state = self.engine.make_request(request_id, prompt, params, priority, stream=True, lora_name=lora_name)
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = queue
         self._pending.append(lambda: self.engine.submit(req, state))
@@ -62,6 +63,16 @@ class AsyncLLM:
         self._pending.append(lambda: self.engine.abort(request_id))
         self._kick()
 
+    async def add_lora(self, name: str, path: str, uid: str | None = None) -> str:
+        """``LLMEngine.add_lora`` without stalling the steps: the files are read beside them, and the adapter is
+        registered between two steps. Raises LoRAError."""
+        adapter = await asyncio.to_thread(self.engine.read_lora, name, path, uid)
+        return await self._between_steps(lambda: self.engine.register_lora(adapter))
+
+    async def remove_lora(self, name: str) -> None:
+        """``LLMEngine.remove_lora``, between two steps: requests using the adapter finish with it."""
+        await self._between_steps(lambda: self.engine.remove_lora(name))
+
     def stats(self) -> dict[str, float | int]:
         return self.engine.stats()
 
@@ -77,6 +88,24 @@ class AsyncLLM:
         if self._loop_task is None or self._loop_task.done():
             self._loop_task = asyncio.get_running_loop().create_task(self._run())
         self._wakeup.set()
+
+    async def _between_steps(self, change: Callable[[], Any]) -> Any:
+        """Run ``change`` on the step thread between two steps (the only thread that touches the engine) and
+        return its result or raise its exception here."""
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+
+        def run() -> None:
+            try:
+                result = change()
+            except Exception as e:  # noqa: BLE001 - handed to the caller
+                loop.call_soon_threadsafe(lambda: done.done() or done.set_exception(e))
+            else:
+                loop.call_soon_threadsafe(lambda: done.done() or done.set_result(result))
+
+        self._pending.append(run)
+        self._kick()
+        return await done
 
     def _step(self) -> list[RequestOutput]:
         outputs = []

@@ -97,6 +97,12 @@ class EngineConfig(BaseModel):
     # --- execution ---
     attention_backend: Literal["auto", "torch", "triton"] = Field("auto")
     enforce_eager: bool = Field(False, description="Disable CUDA graphs.")
+    tensor_parallel_size: int = Field(
+        1, ge=1, description="Processes (GPUs) one model is split over: heads and MLP columns, unevenly where they "
+        "do not divide; this process is rank 0 and starts the others (docs/parallelism.md).")
+    pipeline_parallel_size: int = Field(
+        1, ge=1, description="Processes (GPUs) one model's blocks are split over, as consecutive stages "
+        "(not together with tensor_parallel_size > 1 yet).")
 
     @model_validator(mode="after")
     def _check_lora(self) -> "EngineConfig":
@@ -106,6 +112,13 @@ class EngineConfig(BaseModel):
             raise ValueError("at most one adapter can be merged into the base weights")
         if self.enable_lora and self.speculative is not None:
             raise ValueError("LoRA with speculative decoding is not supported yet")
+        if self.tensor_parallel_size > 1 and self.pipeline_parallel_size > 1:
+            raise ValueError("tensor and pipeline parallelism together are not supported yet")
+        if self.tensor_parallel_size > 1 or self.pipeline_parallel_size > 1:
+            for what, on in (("LoRA", self.enable_lora), ("speculative decoding", self.speculative is not None),
+                             ("GPTQ / AWQ checkpoints", self.quantization in ("gptq", "awq"))):
+                if on:
+                    raise ValueError(f"tensor or pipeline parallelism with {what} is not supported yet")
         return self
 
     @classmethod

@@ -10,6 +10,11 @@ Decode steps whose sequences share a prefix run cascade attention (docs/shared-p
 graphs of their own, on a coarser ladder. Their grouping changes from step to step, so their attention metadata
 sits in static buffers of fixed capacity (``CascadeBuffers``) and the kernels read all of it from there.
 
+With LoRA enabled there are two sets of decode (and cascade) graphs: the ordinary ones, replayed by steps in which
+no row has an adapter, and LoRA ones, which read each row's slot from a static buffer and run the LoRA kernels in
+the layers that some loaded adapter targets. Those layers are fixed at capture, so the runner recaptures the LoRA set
+when an adapter targeting new layers is loaded (``capture_lora``).
+
 Speculative decoding adds verify steps: each request's last token followed by up to k proposals. Their graphs
 (``VerifyBuffers``) give every request the same q = 1 + k query tokens, so that a bucket's launches are fixed;
 a request with fewer proposals is padded after its real tokens (``verify_layout``).
@@ -208,11 +213,15 @@ class DecodeGraphs:
                  max_model_len: int, device: torch.device, cascade_min_rows: int | None = None,
                  verify_query_len: int | None = None, lora: bool = False):
         """``cascade_min_rows``: also capture cascade graphs, for steps of at least this many rows.
-        ``verify_query_len``: also capture verify graphs, for speculative steps of this many tokens per request."""
+        ``verify_query_len``: also capture verify graphs, for speculative steps of this many tokens per request.
+        ``lora``: steps may carry LoRA slots; their decode and cascade graphs are a second set, captured by
+        ``capture_lora`` once some adapter targets a layer."""
         self.sizes = bucket_sizes(max_num_seqs)
         self.cascade_sizes = cascade_bucket_sizes(max_num_seqs, cascade_min_rows) if cascade_min_rows else []
         self.verify_sizes = (verify_bucket_sizes(max_num_seqs, verify_query_len, VERIFY_GRAPH_MAX_TOKENS)
                              if verify_query_len else [])
+        self._model, self._kv_caches, self._max_model_len, self._device = model, kv_caches, max_model_len, device
+        self._verify_query_len = verify_query_len
         n = self.sizes[-1]
         self.input_ids = torch.zeros(n, dtype=torch.long, device=device)
         self.positions = torch.zeros(n, dtype=torch.long, device=device)
@@ -220,7 +229,7 @@ class DecodeGraphs:
         self.seq_lens = torch.ones(n, dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros((n, max_blocks_per_seq), dtype=torch.int32, device=device)
-        # With LoRA, every decode graph runs the LoRA kernels; rows without an adapter have slot -1.
+        # Read by the LoRA graphs only; rows without an adapter (and padding) have slot -1.
         self.lora_slots = torch.full((n,), -1, dtype=torch.int32, device=device) if lora else None
         self.cascade = CascadeBuffers(n, max_blocks_per_seq, device) if self.cascade_sizes else None
         self.verify = None
@@ -233,17 +242,62 @@ class DecodeGraphs:
         self.cascade_logits: dict[int, torch.Tensor] = {}
         self.verify_graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.verify_logits: dict[int, torch.Tensor] = {}
-        store = {"decode": (self.graphs, self.logits), "cascade": (self.cascade_graphs, self.cascade_logits),
-                 "verify": (self.verify_graphs, self.verify_logits)}
-        seconds = dict.fromkeys(store, 0.0)
+        # Steps without an adapter row replay the graphs above, which run no LoRA kernel at all (the fused decode
+        # linears keep their LayerNorm and GELU); steps with one replay these, which apply LoRA in the layers some
+        # adapter targets (``Linear.lora_targeted`` when they were captured).
+        self.lora_graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.lora_logits: dict[int, torch.Tensor] = {}
+        self.lora_cascade_graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.lora_cascade_logits: dict[int, torch.Tensor] = {}
         self._pool = None
+        if torch.device(device).type == "cuda":
+            from kernels.decode_linear import reserve_scratch
+
+            reserve_scratch(device)
+        seconds = self._capture_set(("decode", "cascade", "verify"), lora=False)
+        log.info("captured %d decode CUDA graphs (batch 1..%d) in %.1f s", len(self.sizes), n, seconds["decode"])
+        if self.cascade_sizes:
+            log.info("captured %d cascade-attention decode graphs (batch %s; up to %d shared groups) in %.1f s",
+                     len(self.cascade_sizes), ", ".join(map(str, self.cascade_sizes)), MAX_CASCADE_GROUPS,
+                     seconds["cascade"])
+        if self.verify_sizes:
+            logit_bytes = sum(t.numel() * t.element_size() for t in self.verify_logits.values())
+            log.info("captured %d speculative verify graphs (batch %s, %d tokens each) in %.1f s; their logits "
+                     "take %.0f MB", len(self.verify_sizes), ", ".join(map(str, self.verify_sizes)),
+                     verify_query_len, seconds["verify"], logit_bytes / 2**20)
+
+    def capture_lora(self) -> None:
+        """(Re)capture the LoRA decode and cascade graphs for the layers adapters target now. Between steps
+        only: the static buffers are reset first, so the capture's warm-up run writes no KV slot."""
+        assert self.lora_slots is not None, "DecodeGraphs built without lora"
+        for store in (self.lora_graphs, self.lora_logits, self.lora_cascade_graphs, self.lora_cascade_logits):
+            store.clear()  # the old graphs' memory goes back to the pool before the new ones are captured
+        self.slot_mapping.fill_(-1)
+        self.seq_lens.fill_(1)
+        self.lora_slots.fill_(-1)
+        seconds = self._capture_set(("decode", "cascade"), lora=True)
+        log.info("captured %d LoRA decode CUDA graphs%s in %.1f s", len(self.lora_graphs),
+                 f" and {len(self.lora_cascade_graphs)} cascade ones" if self.cascade_sizes else "",
+                 seconds["decode"] + seconds["cascade"])
+
+    def _capture_set(self, kinds: tuple[str, ...], lora: bool) -> dict[str, float]:
+        """Capture every bucket of ``kinds`` (with the LoRA slots buffer in their metadata if ``lora``); returns the
+        seconds each kind took."""
+        model, kv_caches, max_model_len, device = self._model, self._kv_caches, self._max_model_len, self._device
+        q = self._verify_query_len
+        if lora:
+            store = {"decode": (self.lora_graphs, self.lora_logits),
+                     "cascade": (self.lora_cascade_graphs, self.lora_cascade_logits)}
+        else:
+            store = {"decode": (self.graphs, self.logits), "cascade": (self.cascade_graphs, self.cascade_logits),
+                     "verify": (self.verify_graphs, self.verify_logits)}
+        sizes = {"decode": self.sizes, "cascade": self.cascade_sizes, "verify": self.verify_sizes}
+        seconds = dict.fromkeys(kinds, 0.0)
         # Largest first (by tokens), all kinds in one pool: a cascade graph of b rows needs a little more than an
         # ordinary one (the fp32 partials), a verify graph of b requests holds b * q tokens.
         rank = {"decode": 0, "cascade": 1, "verify": 2}
-        captures = [(b, "decode") for b in self.sizes] + [(b, "cascade") for b in self.cascade_sizes]
-        captures += [(b, "verify") for b in self.verify_sizes]
-        captures.sort(key=lambda c: (c[0] * (verify_query_len if c[1] == "verify" else 1), rank[c[1]]),
-                      reverse=True)
+        captures = [(b, kind) for kind in kinds for b in sizes[kind]]
+        captures.sort(key=lambda c: (c[0] * (q if c[1] == "verify" else 1), rank[c[1]]), reverse=True)
         with torch.inference_mode():
             for b, kind in captures:
                 start = time.perf_counter()
@@ -268,16 +322,7 @@ class DecodeGraphs:
                 graphs, outputs = store[kind]
                 graphs[b], outputs[b] = self._capture(forward, device)
                 seconds[kind] += time.perf_counter() - start
-        log.info("captured %d decode CUDA graphs (batch 1..%d) in %.1f s", len(self.sizes), n, seconds["decode"])
-        if self.cascade_sizes:
-            log.info("captured %d cascade-attention decode graphs (batch %s; up to %d shared groups) in %.1f s",
-                     len(self.cascade_sizes), ", ".join(map(str, self.cascade_sizes)), MAX_CASCADE_GROUPS,
-                     seconds["cascade"])
-        if self.verify_sizes:
-            logit_bytes = sum(t.numel() * t.element_size() for t in self.verify_logits.values())
-            log.info("captured %d speculative verify graphs (batch %s, %d tokens each) in %.1f s; their logits "
-                     "take %.0f MB", len(self.verify_sizes), ", ".join(map(str, self.verify_sizes)), verify_query_len,
-                     seconds["verify"], logit_bytes / 2**20)
+        return seconds
 
     def _capture(self, forward, device: torch.device):
         """Run ``forward`` once on a side stream (Triton compiles there, outside the capture), then capture it into
@@ -296,8 +341,10 @@ class DecodeGraphs:
         torch.cuda.synchronize(device)
         return graph, logits
 
-    def fits(self, num_seqs: int, cascade: bool = False) -> bool:
+    def fits(self, num_seqs: int, cascade: bool = False, lora: bool = False) -> bool:
         sizes = self.cascade_sizes if cascade else self.sizes
+        if lora and not self.lora_graphs:  # no LoRA set captured (yet): the step runs eagerly
+            return False
         return bool(sizes) and num_seqs <= sizes[-1]
 
     def fits_verify(self, num_seqs: int) -> bool:
@@ -321,20 +368,19 @@ class DecodeGraphs:
         self.positions[:n].copy_(positions)
         self.slot_mapping[:n].copy_(meta.slot_mapping)
         self.slot_mapping[n:b].fill_(-1)
-        if self.lora_slots is not None:
-            if meta.lora_slots is None:
-                self.lora_slots[:b].fill_(-1)
-            else:
-                self.lora_slots[:n].copy_(meta.lora_slots)
-                self.lora_slots[n:b].fill_(-1)
+        lora = meta.lora_slots is not None
+        if lora:
+            self.lora_slots[:n].copy_(meta.lora_slots)
+            self.lora_slots[n:b].fill_(-1)
         if plan is None:
             self.seq_lens[:n].copy_(meta.seq_lens)
             self.seq_lens[n:b].fill_(1)
             self.block_tables[:n, :meta.block_tables.shape[1]].copy_(meta.block_tables)
-            graph, logits = self.graphs[b], self.logits[b]
+            graph, logits = (self.lora_graphs[b], self.lora_logits[b]) if lora else (self.graphs[b], self.logits[b])
         else:
             # Cascade attention reads only its own metadata (suffix tables and lengths replace these).
             self.cascade.fill(plan, b)
-            graph, logits = self.cascade_graphs[b], self.cascade_logits[b]
+            graph, logits = ((self.lora_cascade_graphs[b], self.lora_cascade_logits[b]) if lora
+                             else (self.cascade_graphs[b], self.cascade_logits[b]))
         graph.replay()
         return logits[:n]

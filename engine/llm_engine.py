@@ -11,7 +11,8 @@ from typing import Callable
 from engine.config import EngineConfig
 from engine.errors import InvalidRequestError
 from engine.kv_manager import KVCacheManager
-from engine.lora import LoRAError, UnknownLoRAError, lora_layers, merge_adapter, read_peft_adapter
+from engine.lora import (LoRAAdapter, LoRAError, UnknownLoRAError, lora_layers, merge_adapter, read_peft_adapter,
+                         startup_uid)
 from engine.model_runner import ModelRunner
 from engine.output_processor import OutputProcessor, RequestState, SequenceText
 from engine.outputs import RequestOutput, SchedulerOutput
@@ -43,7 +44,7 @@ class LLMEngine:
                     module.name, module.path, lora_layers(self.runner.model), config.max_lora_rank))
                 self.merged_lora = module.name
             else:
-                self.add_lora(module.name, module.path)
+                self.add_lora(module.name, module.path, startup_uid(module.name))
         self._timing = {"schedule_s": 0.0, "execute_s": 0.0, "update_s": 0.0}
         # Observers (telemetry): each gets every step's SchedulerOutput as soon as it is planned (requests still in
         # their pre-step state), and the step's whole duration in seconds once it is done.
@@ -58,17 +59,30 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ requests
     # ------------------------------------------------------------------ LoRA adapters
-    def add_lora(self, name: str, path: str) -> None:
-        """Load a PEFT adapter under ``name`` (LoRAError: malformed, too large a rank, name taken)."""
+    def add_lora(self, name: str, path: str, uid: str | None = None) -> str:
+        """Load a PEFT adapter under ``name`` and return its uid (LoRAError: malformed, too large a rank, name
+        taken)."""
+        return self.register_lora(self.read_lora(name, path, uid))
+
+    def read_lora(self, name: str, path: str, uid: str | None = None) -> LoRAAdapter:
+        """The file-reading half of ``add_lora``: touches no engine state, so it may run beside a step."""
         if self.runner.lora is None:
             raise LoRAError("LoRA is not enabled on this engine (enable_lora: true)")
+        return read_peft_adapter(name, path, lora_layers(self.runner.model), self.config.max_lora_rank, uid)
+
+    def register_lora(self, adapter: LoRAAdapter) -> str:
+        """The engine-state half of ``add_lora``: from now on requests may name ``adapter.name``."""
+        name = adapter.name
         if name in self.lora_names or name == self.merged_lora:
             raise LoRAError(f"an adapter named {name!r} is already loaded")
-        adapter = read_peft_adapter(name, path, lora_layers(self.runner.model), self.config.max_lora_rank)
-        self.runner.lora.add(adapter)
+        if adapter.uid in self._unloading:  # unloaded, still finishing requests, and wanted again: keep that copy
+            self._unloading.discard(adapter.uid)
+        else:
+            self.runner.lora.add(adapter)
         self.lora_names[name] = adapter.uid
-        log.info("LoRA adapter %r loaded from %s (rank %d, %d layers, %.1f MB)", name, path, adapter.rank,
-                 len(adapter.weights), adapter.bytes / 2**20)
+        log.info("LoRA adapter %r (%s) loaded from %s (rank %d, %d layers, %.1f MB)", name, adapter.uid,
+                 adapter.path, adapter.rank, len(adapter.weights), adapter.bytes / 2**20)
+        return adapter.uid
 
     def remove_lora(self, name: str) -> None:
         """Unload ``name``: new requests for it are refused at once; requests already using it finish with it,
@@ -177,6 +191,10 @@ class LLMEngine:
         for observe in self.step_observers:
             observe(t3 - t0)
         return outputs
+
+    def shutdown(self) -> None:
+        """Release what outlives the engine object: the follower processes of a tensor-parallel model."""
+        self.runner.shutdown()
 
     def stats(self) -> dict[str, float | int]:
         proposer = self.runner.proposer

@@ -13,6 +13,7 @@ from transformers import GPT2Config
 
 from engine.attention import AttentionBackend
 from engine.config import EngineConfig
+from engine.distributed import PipelineParallel, TensorParallel
 from engine.layers.linear import Linear
 from engine.layers.quantization import LinearMethod, build_linear_method, checkpoint_quantization
 from engine.models.gpt2 import GPT2LMHeadModel
@@ -145,15 +146,18 @@ def linear_method(config: EngineConfig) -> LinearMethod:
     return build_linear_method(quantization, found, config.quantization_group_size)
 
 
-def load_model(config: EngineConfig, backend: AttentionBackend, device: torch.device,
-               dtype: torch.dtype) -> tuple[GPT2LMHeadModel, GPT2Config]:
+def load_model(config: EngineConfig, backend: AttentionBackend, device: torch.device, dtype: torch.dtype,
+               tp: TensorParallel = TensorParallel(), pp: PipelineParallel = PipelineParallel(),
+               ) -> tuple[GPT2LMHeadModel, GPT2Config]:
+    """The model on ``device``; with ``tp`` / ``pp``, this rank's share of it (each layer takes its slice of the
+    full checkpoint tensors, each stage its blocks; dummy weights are drawn in the rank's own shapes)."""
     hf_config = load_hf_config(config)
     method = linear_method(config)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # build the parameters in place: no float32 copy of GPT-2 XL on the host
     try:
         with torch.device(device):
-            model = GPT2LMHeadModel(hf_config, backend, method)
+            model = GPT2LMHeadModel(hf_config, backend, method, tp, pp)
     finally:
         torch.set_default_dtype(previous)
     if config.load_format == "dummy":

@@ -6,7 +6,8 @@ R]``, rank zero-padded to ``max_lora_rank``), and telling each layer which slot 
 ``kernels/lora.py`` apply all of a step's adapters in one shrink and one expand per layer (docs/lora.md).
 
 Names and ids: a request names an adapter; the engine keys it by a ``uid`` that is new on every load, so that an
-adapter unloaded and loaded again under the same name never shares prefix-cache blocks with its old self.
+adapter unloaded and loaded again under the same name never shares prefix-cache blocks with its old self. Adapters
+of the start-up config get ``<name>#0`` (``startup_uid``), so that every replica of a service agrees on them.
 """
 
 from __future__ import annotations
@@ -61,8 +62,15 @@ class LoRAAdapter:
 _uids = itertools.count(1)
 
 
-def read_peft_adapter(name: str, path: str | Path, layers: dict[str, nn.Module], max_rank: int) -> LoRAAdapter:
+def startup_uid(name: str) -> str:
+    return f"{name}#0"
+
+
+def read_peft_adapter(name: str, path: str | Path, layers: dict[str, nn.Module], max_rank: int,
+                      uid: str | None = None) -> LoRAAdapter:
     """Read and check a PEFT LoRA directory against the model's linear layers (``layers``: name -> Linear).
+    ``uid``: the load's key (a service gives every replica the same one, so their prefix caches agree); None
+    draws a new one.
 
     GPT-2's ``c_attn`` / ``c_proj`` / ``c_fc`` are Conv1D modules (weights ``[in, out]``), but PEFT's ``lora_A`` and
     ``lora_B`` are ordinary linear layers (``[r, in]`` and ``[out, r]``) whatever the base module, so the delta in
@@ -120,7 +128,7 @@ def read_peft_adapter(name: str, path: str | Path, layers: dict[str, nn.Module],
             raise LoRAError(f"{module}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit a rank-{rank} "
                             f"adapter of a [{layer.in_features} -> {layer.out_features}] layer")
         weights[module] = (a.contiguous(), (b * scaling).contiguous())
-    return LoRAAdapter(name=name, uid=f"{name}#{next(_uids)}", path=str(path), rank=rank, scaling=scaling,
+    return LoRAAdapter(name=name, uid=uid or f"{name}#{next(_uids)}", path=str(path), rank=rank, scaling=scaling,
                        weights=weights)
 
 

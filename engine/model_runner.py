@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +20,7 @@ import torch
 from engine.attention import AttentionMetadata, find_shared_prefixes, get_attention_backend
 from engine.config import EngineConfig
 from engine.cuda_graphs import DecodeGraphs, verify_layout
+from engine.distributed import Ranks, init_ranks, launch_followers
 from engine.kv_manager import cdiv
 from engine.loader import load_model, resolve_device, resolve_dtype, weight_bytes
 from engine.lora import LoRAManager
@@ -38,6 +40,36 @@ log = logging.getLogger(__name__)
 # be tuned on the GPU.
 CASCADE_MIN_GROUP = 8
 CASCADE_MIN_PREFIX_TOKENS = 256
+
+
+class RunnerLoRAManager(LoRAManager):
+    """The runner's LoRA slots, marking the layers that loaded adapters target (``Linear.lora_targeted``): the
+    others skip the LoRA kernels. The mark is never cleared (an unloaded adapter's layers keep it; their stacks
+    are zeros or another adapter's, so the result is right either way), so the LoRA decode graphs, which bake the
+    marks in, are recaptured only when the set grows (``targets_grew``)."""
+
+    def __init__(self, model, max_loras: int, max_rank: int, max_cpu_loras: int | None = None):
+        super().__init__(model, max_loras, max_rank, max_cpu_loras)
+        self.targets_grew = False
+
+    def add(self, adapter) -> None:
+        super().add(adapter)
+        for name in adapter.weights:
+            layer = self.layers[name]
+            if not layer.lora_targeted:
+                layer.lora_targeted = self.targets_grew = True
+
+    @contextmanager
+    def every_layer_targeted(self):
+        """Every layer runs the LoRA kernels inside: warm-up and memory profiling see what any adapter costs."""
+        marks = {name: layer.lora_targeted for name, layer in self.layers.items()}
+        for layer in self.layers.values():
+            layer.lora_targeted = True
+        try:
+            yield
+        finally:
+            for name, layer in self.layers.items():
+                layer.lora_targeted = marks[name]
 
 
 @dataclass
@@ -134,26 +166,37 @@ class HostStaging:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, rank: int = 0, init_method: str | None = None):
+        """``rank`` / ``init_method``: set for the follower ranks of a tensor- or pipeline-parallel model, which
+        rank 0's runner starts itself (engine/distributed.py)."""
         self.config = config
         self.device = resolve_device(config)
+        self.ranks, self._join_followers = Ranks(), None
+        size = config.tensor_parallel_size * config.pipeline_parallel_size
+        if size > 1:
+            if init_method is None:  # the driver: start the other ranks, then meet them
+                init_method, self._join_followers = launch_followers(config, size)
+            if self.device.type == "cuda":  # one GPU per rank: its own process's only one (Ray), or the rank-th
+                self.device = torch.device("cuda", rank % torch.cuda.device_count())
+            self.ranks = init_ranks(rank, config.tensor_parallel_size, config.pipeline_parallel_size, init_method,
+                                    self.device)
         self.dtype = resolve_dtype(config, self.device)
         self.backend = get_attention_backend(config.attention_backend, self.device)
-        self.model, self.hf_config = load_model(config, self.backend, self.device, self.dtype)
+        self.model, self.hf_config = load_model(config, self.backend, self.device, self.dtype, self.ranks.tp, self.ranks.pp)
         self.block_size = config.block_size
         self.max_model_len = min(config.max_model_len or self.hf_config.n_positions, self.hf_config.n_positions)
         self.max_blocks_per_seq = cdiv(self.max_model_len, self.block_size)
         m = self.model
         self.bytes_per_block = 2 * m.num_layers * self.block_size * m.num_heads * m.head_dim * self.dtype.itemsize
         # LoRA slots and a draft model's weights and pool come first, so that the pool is sized from what they leave.
-        self.lora = LoRAManager(self.model, config.max_loras, config.max_lora_rank, config.max_cpu_loras) \
+        self.lora = RunnerLoRAManager(self.model, config.max_loras, config.max_lora_rank, config.max_cpu_loras) \
             if config.enable_lora else None
         self.proposer = build_proposer(config, self.device, self.dtype, self.backend)
         self.num_spec_tokens = config.speculative.num_speculative_tokens if config.speculative else 0
         self._draft_probs: dict[str, torch.Tensor] = {}  # the proposer's q for each request's pending proposals
         self._spec_history: dict[str, SpecHistory] = {}
         self.min_acceptance_rate = config.speculative.min_acceptance_rate if config.speculative else 0.0
-        self.num_blocks = config.num_gpu_blocks or self._profile_num_blocks()
+        self.num_blocks = self.ranks.min_int(config.num_gpu_blocks or self._profile_num_blocks())
         self.kv_cache = torch.zeros(
             (m.num_layers, 2, self.num_blocks, self.block_size, m.num_heads, m.head_dim),
             device=self.device, dtype=self.dtype,
@@ -179,7 +222,9 @@ class ModelRunner:
         self.cascade_steps = 0  # decode steps that ran cascade attention
         self.cascade_graph_steps = 0  # ... of which replayed a cascade CUDA graph
         self.verify_graph_steps = 0  # speculative verify steps that replayed a verify CUDA graph
-        use_graphs = self.device.type == "cuda" and not config.enforce_eager and self.backend.name != "torch"
+        # Not yet with several ranks: the graphs would have to capture the collectives (NCCL can; untested).
+        use_graphs = (self.device.type == "cuda" and not config.enforce_eager and self.backend.name != "torch"
+                      and self.ranks.size == 1)
         if self.device.type == "cuda":
             # With graphs, every cascade step replays one, and capturing compiles what it needs.
             self._warm_up(eager_cascade=self.cascade_enabled and not use_graphs)
@@ -252,7 +297,8 @@ class ModelRunner:
         if self.lora is not None:  # slot 0 (zeros until an adapter is loaded): compiles and sizes the LoRA kernels
             meta.lora_slots = torch.zeros(len(positions), dtype=torch.int32, device=dev)
         ids = torch.randint(0, m.vocab_size, (len(positions),), device=dev)
-        hidden = m(ids, torch.from_numpy(positions).to(dev), kv_caches, meta)
+        with self.lora.every_layer_targeted() if self.lora is not None else nullcontext():
+            hidden = m(ids, torch.from_numpy(positions).to(dev), kv_caches, meta)
         logits = m.compute_logits(hidden[:num_sampled]).float()
         torch.log_softmax(logits, dim=-1).sort(dim=-1)
 
@@ -455,10 +501,17 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         t0 = time.perf_counter()
+        if self.ranks.size > 1 and self.ranks.is_driver:
+            self.ranks.broadcast(("step", sched))
         self._update_states(sched)
         self._move_blocks(sched)
         if not sched.num_scheduled_tokens:
             return ModelRunnerOutput(sampled_token_ids={})
+        if self.lora is not None and self.lora.targets_grew:
+            # An adapter targets layers the LoRA graphs skip: recapture them (seconds, once per new layer set).
+            self.lora.targets_grew = False
+            if self.graphs is not None:
+                self.graphs.capture_lora()
         inputs = self._prepare(sched)
         t1 = time.perf_counter()
 
@@ -466,7 +519,8 @@ class ModelRunner:
         num_seqs = len(sched.num_scheduled_tokens)
         cascade = inputs.meta.cascade is not None
         self.cascade_steps += cascade
-        if inputs.decode_only and self.graphs is not None and self.graphs.fits(num_seqs, cascade):
+        if inputs.decode_only and self.graphs is not None and self.graphs.fits(
+                num_seqs, cascade, lora=inputs.meta.lora_slots is not None):
             self.cascade_graph_steps += cascade
             logits = self.graphs.run(inputs.input_ids, inputs.positions, inputs.meta)
         elif inputs.verify_graph:
@@ -483,7 +537,7 @@ class ModelRunner:
                 logits = self._verify_rows(self.model.compute_logits(hidden[rows]), inputs, sched, out)
         t2 = time.perf_counter()
 
-        if logits is not None:
+        if logits is not None and self.ranks.is_driver:
             rows = []
             for req_id in inputs.sample_ids:
                 st = self.requests[req_id]
@@ -494,6 +548,11 @@ class ModelRunner:
                 out.sampled_token_ids[req_id] = [token]
                 if lp is not None:
                     out.logprobs[req_id] = [lp]
+        if logits is not None and self.ranks.size > 1:  # rank 0 samples; every rank's states need the tokens
+            sampled = self.ranks.broadcast(out.sampled_token_ids)
+            if not self.ranks.is_driver:
+                for req_id, tokens in sampled.items():
+                    self.requests[req_id].token_ids.extend(tokens)
         if self.proposer is not None and out.sampled_token_ids:
             self._propose(out)
         t3 = time.perf_counter()
@@ -503,6 +562,24 @@ class ModelRunner:
         tm["forward_s"] += t2 - t1  # launch time: the GPU runs on asynchronously until sampling reads tokens
         tm["sample_s"] += t3 - t2
         return out
+
+    # ------------------------------------------------------------------ several ranks (engine/distributed.py)
+    def follow(self) -> None:
+        """A follower rank's life: run every step the driver sends, until it says stop."""
+        while True:
+            kind, sched = self.ranks.broadcast()
+            if kind == "stop":
+                break
+            self.execute(sched)
+        torch.distributed.destroy_process_group()
+
+    def shutdown(self) -> None:
+        """Stop the follower ranks (the driver's; a no-op without tensor parallelism, and after the first call)."""
+        if self.ranks.size > 1 and self.ranks.is_driver and self._join_followers is not None:
+            self.ranks.broadcast(("stop", None))
+            self._join_followers()
+            self._join_followers = None
+            torch.distributed.destroy_process_group()
 
     # ------------------------------------------------------------------ speculative decoding
     def _verify_rows(self, logits: torch.Tensor, inputs: StepInputs, sched: SchedulerOutput,

@@ -51,11 +51,15 @@ is shared by all calls on a device, so calls must be ordered on one stream (they
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
 MAX_M = 16  # rows handled by one program column; use_fused_linear() gates the model on it
+# Most split-K partials of a LoRA h that the epilogue sums (in-kernel producers, or a separate shrink's splits).
+LORA_MAX_PARTS = tl.constexpr(8)
 
 # Defaults per code path; benchmarks/decode_linear_gpu.py sweeps these and prints replacements.
 # split: "auto" (see _auto_split) or a fixed number of K splits; split_mode: "serial" | "two_pass".
@@ -188,6 +192,189 @@ def _layernorm_chunk(t, mean, rstd, lnw_ptr, lnb_ptr, c, K, AXIS: tl.constexpr, 
 
 
 @triton.jit
+def _dot_fp32_lhs(h, b, acc, DOT_PRECISION: tl.constexpr):
+    """acc + h @ b for an fp32 ``h`` and a ``b`` of LoRA stacks' dtype. A 16-bit ``b`` gets h as hi + lo 16-bit
+    parts (two MMAs on the same ``b`` tile; LoRA products are bound by their loads, not by MMA issue), recovering
+    ~16-22 of h's mantissa bits where rounding it would keep 11 (fp16) or 8 (bf16). An fp32 ``b``: one MMA at
+    ``DOT_PRECISION``."""
+    if b.dtype == tl.float32:
+        acc = tl.dot(h, b, acc, input_precision=DOT_PRECISION)
+    else:
+        h_hi = h.to(b.dtype)
+        acc = tl.dot(h_hi, b, acc)
+        acc = tl.dot((h - h_hi.to(tl.float32)).to(b.dtype), b, acc)
+    return acc
+
+
+@triton.jit
+def _lora_shrink_tile(x_rows, a_ptr, lnw_ptr, lnb_ptr, row_ok, row_slot, s_lo, s_hi, c_lo, c_hi, K, R,
+                      stride_as, stride_ar, HAS_LN: tl.constexpr, HAS_LN_BIAS: tl.constexpr,
+                      DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+                      BLOCK_K: tl.constexpr):
+    """The multi-LoRA shrink of a tile of rows (``x_rows``: [BLOCK_M, 1] row pointers; ``row_slot``: each row's
+    slot, one MMA chain per slot in [s_lo, s_hi) present) over K chunks [c_lo, c_hi): acc [BLOCK_M, BLOCK_R] =
+    x @ A[slot].T, fp32 (kernels/lora.py's shrink and the fused linear's in-kernel producers share it).
+
+    HAS_LN: the tile's share of LayerNorm(x) @ A.T, folded (``ln_folded_width``): with c a per-row shift, acc =
+    sum_k (x_k - c) g_k A_rk, g_sum = sum_k g_k A_rk, b_sum = sum_k b_k A_rk, s1 / s2 = sum_k (x_k - c) and
+    sum_k (x_k - c)^2 ([BLOCK_M]). Summed over the K ranges, those give LN(x) @ A.T with no statistics pass
+    before the loop (the linearity of the batched path). c is the mean of the row's first chunk (identical for
+    every K range), close to the row's mean: the centred operand rounds to 16 bits as LN's output would, and
+    the fp32 variance does not cancel."""
+    offs_r = tl.arange(0, BLOCK_R)
+    r_ok = offs_r < R
+    acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+    g_sum = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+    b_sum = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+    s1 = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)  # element-wise; reduced once after the loops
+    s2 = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+    if HAS_LN:
+        offs_k0 = tl.arange(0, BLOCK_K)
+        x0 = tl.load(x_rows + offs_k0[None, :], mask=row_ok[:, None] & (offs_k0 < K)[None, :], other=0.0)
+        shift = tl.sum(x0.to(tl.float32), axis=1) / tl.minimum(K, BLOCK_K)
+    for s in range(s_lo, s_hi):
+        sel = row_ok & (row_slot == s)
+        if tl.max(sel.to(tl.int32), axis=0) > 0:
+            # A read as its transpose [BLOCK_K, BLOCK_R]: still contiguous along K in memory.
+            a_cols = a_ptr + s * stride_as + offs_r[None, :] * stride_ar
+            # A comes from HBM, and a kernel tuned for its weight stream may not pipeline this loop (one stage):
+            # the next chunk of A and x is requested before this one is used (the request after the last chunk
+            # is masked off).
+            offs_k = c_lo * BLOCK_K + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < tl.where(c_lo < c_hi, K, 0)
+            a_next = tl.load(a_cols + offs_k[:, None], mask=k_ok[:, None] & r_ok[None, :], other=0.0)
+            x_next = tl.load(x_rows + offs_k[None, :], mask=sel[:, None] & k_ok[None, :], other=0.0)
+            for c in range(c_lo, c_hi):
+                offs_k = c * BLOCK_K + tl.arange(0, BLOCK_K)
+                k_ok = offs_k < K
+                a = a_next
+                xk = x_next
+                offs_k_next = offs_k + BLOCK_K
+                k_ok_next = offs_k_next < tl.where(c + 1 < c_hi, K, 0)
+                a_next = tl.load(a_cols + offs_k_next[:, None], mask=k_ok_next[:, None] & r_ok[None, :], other=0.0)
+                x_next = tl.load(x_rows + offs_k_next[None, :], mask=sel[:, None] & k_ok_next[None, :], other=0.0)
+                if HAS_LN:
+                    # Each row is loaded in its own slot's iteration only, so its sums are taken once.
+                    d = tl.where(sel[:, None] & k_ok[None, :], xk.to(tl.float32) - shift[:, None], 0.0)
+                    s1 += d
+                    s2 += d * d
+                    g = tl.load(lnw_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+                    af = a.to(tl.float32)
+                    g_sum += tl.where(sel[:, None], tl.sum(af * g[:, None], axis=0)[None, :], 0.0)
+                    if HAS_LN_BIAS:
+                        b = tl.load(lnb_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+                        b_sum += tl.where(sel[:, None], tl.sum(af * b[:, None], axis=0)[None, :], 0.0)
+                    xk = d * g[None, :]
+                acc = tl.dot(xk.to(a.dtype), a, acc, input_precision=DOT_PRECISION)
+    return acc, g_sum, b_sum, tl.sum(s1, axis=1), tl.sum(s2, axis=1)
+
+
+@triton.jit
+def _lora_store_part(part_ptr, rows, row_ok, stride_ht, R, acc, g_sum, b_sum, s1, s2, HAS_LN: tl.constexpr,
+                     BLOCK_R: tl.constexpr):
+    """A shrink tile's partial into ``part_ptr`` ([rows, W] with row stride ``stride_ht``): acc in columns
+    [0, R), and with HAS_LN g_sum, b_sum, s1, s2 after it (``ln_folded_width``)."""
+    offs_r = tl.arange(0, BLOCK_R)
+    h_ptrs = part_ptr + rows[:, None] * stride_ht + offs_r[None, :]
+    h_mask = row_ok[:, None] & (offs_r < R)[None, :]
+    tl.store(h_ptrs, acc, mask=h_mask)
+    if HAS_LN:
+        tl.store(h_ptrs + R, g_sum, mask=h_mask)
+        tl.store(h_ptrs + 2 * R, b_sum, mask=h_mask)
+        st_ptrs = part_ptr + rows * stride_ht + 3 * R
+        tl.store(st_ptrs, s1, mask=row_ok)
+        tl.store(st_ptrs + 1, s2, mask=row_ok)
+
+
+@triton.jit
+def _lora_produce(part, n_parts, x_ptr, stride_xm, M, K, a_ptr, R, S, lnw_ptr, lnb_ptr, slot_ptr, h_ptr, cnt_ptr,
+                  HAS_LN: tl.constexpr, HAS_LN_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                  BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """A fused linear's in-kernel shrink: program ``part`` of ``n_parts`` computes its K range's partial for all
+    (<= 16) rows into ``h_ptr`` ([n_parts, M, W]), then counts itself done at ``cnt_ptr`` (release: the partial
+    is visible to whoever sees the count)."""
+    rows = tl.arange(0, 16)
+    row_ok = rows < M
+    row_slot = tl.load(slot_ptr + rows, mask=row_ok, other=-1).to(tl.int32)
+    n_chunks = tl.cdiv(K, BLOCK_K)
+    if HAS_LN:
+        width = 3 * R + 2
+    else:
+        width = R
+    acc, g_sum, b_sum, s1, s2 = _lora_shrink_tile(x_ptr + rows[:, None] * stride_xm, a_ptr, lnw_ptr, lnb_ptr,
+                                                  row_ok, row_slot, part * 0, part * 0 + S,
+                                                  part * n_chunks // n_parts, (part + 1) * n_chunks // n_parts,
+                                                  K, R, R * K, K, HAS_LN, HAS_LN_BIAS, DOT_PRECISION, 16, BLOCK_R,
+                                                  BLOCK_K)
+    _lora_store_part(h_ptr + part * M * width, rows, row_ok, width, R, acc, g_sum, b_sum, s1, s2, HAS_LN,
+                     BLOCK_R)
+    tl.debug_barrier()  # every thread's stores before the one release below (as in the split-K protocol)
+    tl.atomic_add(cnt_ptr, 1, sem="release", scope="gpu")
+
+
+@triton.jit
+def _lora_b_row_tile(b_ptr, slot, offs_n, N, R, S, BLOCK_R: tl.constexpr):
+    """The single row's slot's [BLOCK_N, BLOCK_R] tile of B (zeros without adapter): the "fma" path requests it
+    before its weight loop, so that its HBM latency hides behind the weight stream."""
+    slot = slot.to(tl.int32)
+    ok = (slot >= 0) & (slot < S)
+    offs_r = tl.arange(0, BLOCK_R)
+    n_end = tl.where(ok, N, 0)  # no adapter: every column masked off
+    return tl.load(b_ptr + tl.where(ok, slot, 0) * N * R + offs_n[:, None] * R + offs_r[None, :],
+                   mask=(offs_n < n_end)[:, None] & (offs_r < R)[None, :], other=0.0)
+
+
+@triton.jit
+def _lora_delta(acc, offs_n, offs_m, N, M, h_ptr, b_ptr, slot_ptr, R, S, n_parts, K, ln_eps, b_pre,
+                LN_FOLDED: tl.constexpr, BLOCK_R: tl.constexpr):
+    """acc [BLOCK_N, BLOCK_M] (an output tile, transposed) plus each row's LoRA delta ``h[m] @ B[slot_m].T`` over
+    the tile's columns, in fp32 (b_pre: see below). h: the sum of fp32 split-K partials [n_parts, M, W] (n_parts <= LORA_MAX_PARTS),
+    W = R, or with LN_FOLDED a LayerNorm folded into 3R + 2 columns (``lora_h_from_parts``), unfolded here; B:
+    [S, N, R] contiguous; rows whose slot is outside [0, S) get nothing."""
+    m_ok = offs_m < M
+    slot = tl.load(slot_ptr + offs_m, mask=m_ok, other=-1).to(tl.int32)
+    row_ok = m_ok & (slot >= 0) & (slot < S)
+    offs_r = tl.arange(0, BLOCK_R)
+    n_ok = offs_n < N
+    r_ok = offs_r < R
+    if LN_FOLDED:
+        width = 3 * R + 2
+    else:
+        width = R
+    # Every partial in one request per quantity (a loop over them would wait on L2 once per partial); .cg: the
+    # kernel's own producers wrote them during this launch, so read L2, never a line in L1.
+    offs_p = tl.arange(0, LORA_MAX_PARTS)
+    rows_p = h_ptr + offs_p[:, None] * (M * width) + offs_m[None, :] * width  # [PARTS, BLOCK_M]
+    rows_ok = (offs_p < n_parts)[:, None] & row_ok[None, :]
+    h_ptrs = rows_p[:, :, None] + offs_r[None, None, :]
+    h_mask = rows_ok[:, :, None] & r_ok[None, None, :]
+    h = tl.sum(tl.load(h_ptrs, mask=h_mask, other=0.0, cache_modifier=".cg"), axis=0)  # [BLOCK_M, BLOCK_R]
+    if LN_FOLDED:
+        g_sum = tl.sum(tl.load(h_ptrs + R, mask=h_mask, other=0.0, cache_modifier=".cg"), axis=0)
+        b_sum = tl.sum(tl.load(h_ptrs + 2 * R, mask=h_mask, other=0.0, cache_modifier=".cg"), axis=0)
+        s1 = tl.sum(tl.load(rows_p + 3 * R, mask=rows_ok, other=0.0, cache_modifier=".cg"), axis=0)
+        s2 = tl.sum(tl.load(rows_p + 3 * R + 1, mask=rows_ok, other=0.0, cache_modifier=".cg"), axis=0)
+        mean_d = s1 / K
+        rstd = 1.0 / tl.sqrt(tl.maximum(s2 / K - mean_d * mean_d, 0.0) + ln_eps)
+        h = rstd[:, None] * (h - mean_d[:, None] * g_sum) + b_sum
+    if acc.shape[1] == 1:
+        # One row (the "fma" path): b_pre is its slot's [BLOCK_N, BLOCK_R] tile of B (zeros without adapter),
+        # requested at the start of the kernel (_lora_b_row_tile).
+        acc += tl.sum(b_pre.to(tl.float32) * h, axis=1)[:, None]
+    else:
+        # Rows of several slots: one MMA chain per slot present, the other rows' h zeroed.
+        b_t = b_ptr + offs_n[None, :] * R + offs_r[:, None]  # B[0].T tile: [BLOCK_R, BLOCK_N]
+        delta = tl.zeros([acc.shape[1], acc.shape[0]], dtype=tl.float32)
+        for s in range(0, S):
+            sel = row_ok & (slot == s)
+            if tl.max(sel.to(tl.int32), axis=0) > 0:
+                b = tl.load(b_t + s * N * R, mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+                delta = _dot_fp32_lhs(tl.where(sel[:, None], h, 0.0), b, delta, "ieee")
+        acc += tl.trans(delta)
+    return acc
+
+
+@triton.jit
 def _epilogue(acc, offs_n, offs_m, N, M, bias_ptr, res_ptr, out_ptr, stride_rm, stride_om,
               HAS_BIAS: tl.constexpr, ACT_GELU: tl.constexpr, HAS_RES: tl.constexpr):
     """acc: fp32 [BLOCK_N, BLOCK_M] tile of (LN(x) @ W.T)^T. Adds bias, applies GELU, adds the residual (in fp32)
@@ -201,6 +388,37 @@ def _epilogue(acc, offs_n, offs_m, N, M, bias_ptr, res_ptr, out_ptr, stride_rm, 
     if HAS_RES:
         acc += tl.load(res_ptr + offs_m[None, :] * stride_rm + offs_n[:, None], mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + offs_m[None, :] * stride_om + offs_n[:, None], acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _epilogue_lora(acc, offs_n, offs_m, N, M, bias_ptr, res_ptr, out_ptr, stride_rm, stride_om,
+                   HAS_BIAS: tl.constexpr, ACT_GELU: tl.constexpr, HAS_RES: tl.constexpr,
+                   lora_h_ptr, lora_b_ptr, lora_slot_ptr, LORA_R, LORA_S, lora_parts, LORA_K, lora_eps,
+                   lora_cnt_ptr, n_consumers, lora_b_pre,
+                   HAS_LORA: tl.constexpr, LORA_LN: tl.constexpr, LORA_BLOCK_R: tl.constexpr,
+                   LORA_NP: tl.constexpr):
+    """``_epilogue`` with the LoRA delta (``_lora_delta``) added first: before the activation, where it belongs.
+
+    LORA_NP > 0: the partials come from the kernel's own ``LORA_NP`` producer programs (``_lora_produce``), the
+    lowest program ids, so they were dispatched before any program that waits here. This epilogue (one of
+    ``n_consumers``) waits for their count, and the last epilogue to finish re-arms both counters for the next
+    launch (or CUDA-graph replay)."""
+    if HAS_LORA:
+        if LORA_NP > 0:
+            # A plain volatile read (an atomic would queue every N tile's poll on one L2 line); the partials
+            # are read from L2 after it.
+            while tl.load(lora_cnt_ptr, volatile=True) < LORA_NP:
+                pass
+        acc = _lora_delta(acc, offs_n, offs_m, N, M, lora_h_ptr, lora_b_ptr, lora_slot_ptr, LORA_R, LORA_S,
+                          lora_parts, LORA_K, lora_eps, lora_b_pre, LORA_LN, LORA_BLOCK_R)
+    _epilogue(acc, offs_n, offs_m, N, M, bias_ptr, res_ptr, out_ptr, stride_rm, stride_om,
+              HAS_BIAS, ACT_GELU, HAS_RES)
+    if HAS_LORA:
+        if LORA_NP > 0:
+            # Relaxed: the count orders nothing but the re-arming, which every waiter has passed by then.
+            if tl.atomic_add(lora_cnt_ptr + 1, 1, sem="relaxed", scope="gpu") == n_consumers - 1:
+                tl.atomic_xchg(lora_cnt_ptr, 0, sem="relaxed", scope="gpu")
+                tl.atomic_xchg(lora_cnt_ptr + 1, 0, sem="relaxed", scope="gpu")
 
 
 # M is not specialised (Triton would otherwise compile separate variants for M == 1, M % 16 == 0 and the rest):
@@ -217,10 +435,23 @@ def _fused_linear_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
     W_EVICT: tl.constexpr,  # L2 policy of the weight stream ("evict_first": read once, keep x and the rest)
     PREFETCH: tl.constexpr,  # "fma" path: request the next weight chunk before computing on this one
+    lora_h_ptr, lora_b_ptr, lora_slot_ptr, LORA_R, LORA_S, lora_parts, LORA_K, lora_eps,
+    lora_a_ptr, lora_cnt_ptr,
+    HAS_LORA: tl.constexpr, LORA_LN: tl.constexpr, LORA_BLOCK_R: tl.constexpr,
+    LORA_NP: tl.constexpr,  # > 0: that many programs of axis 0 (the first) are the LoRA shrink's producers
+    LORA_BLOCK_K: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
+    pid_n = tl.program_id(0) - LORA_NP
     pid_s = tl.program_id(1)
     n_splits = tl.num_programs(1)
+    n_consumers = tl.num_programs(0) - LORA_NP  # the epilogues: one per N tile
+    if LORA_NP > 0:
+        if pid_n < 0:  # a LoRA shrink producer (those of split row 0; the other rows' have nothing to do)
+            if pid_s == 0:
+                _lora_produce(pid_n + LORA_NP, LORA_NP, x_ptr, stride_xm, M, K, lora_a_ptr, LORA_R, LORA_S,
+                              lnw_ptr, lnb_ptr, lora_slot_ptr, lora_h_ptr, lora_cnt_ptr, LORA_LN, HAS_LN_BIAS,
+                              DOT_PRECISION, LORA_BLOCK_R, LORA_BLOCK_K)
+            return
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
@@ -229,6 +460,10 @@ def _fused_linear_kernel(
     rows_w = tl.minimum(offs_n, N - 1).to(tl.int64)
     rows_x = tl.minimum(offs_m, M - 1)
     w_row_ptr = w_ptr + rows_w[:, None] * stride_wn  # [BLOCK_N, 1]
+    lora_b_pre = pid_n  # only the one-row ("fma") epilogue reads it
+    if HAS_LORA:
+        if not USE_DOT:
+            lora_slot = tl.load(lora_slot_ptr)  # requested now, used once the B tile is requested below
 
     if HAS_LN:
         mean, rstd = _row_stats(x_ptr, stride_xm, rows_x, K, ln_eps, BLOCK_M, BLOCK_K)
@@ -259,6 +494,8 @@ def _fused_linear_kernel(
             rstd_1 = tl.sum(rstd, axis=0)
         if PREFETCH:
             w_next = _load_w_chunk(w_row_ptr, c_lo, K, c_lo < c_hi, True, BLOCK_K, EVEN_K, W_EVICT)
+        if HAS_LORA:
+            lora_b_pre = _lora_b_row_tile(lora_b_ptr, lora_slot, offs_n, N, LORA_R, LORA_S, LORA_BLOCK_R)
         for c in range(c_lo, c_hi):
             if PREFETCH:
                 w = w_next
@@ -275,8 +512,10 @@ def _fused_linear_kernel(
         acc = tl.sum(acc2, axis=1)[:, None]  # the one cross-lane reduction: [BLOCK_N, 1]
 
     if SPLIT_MODE == 0:
-        _epilogue(acc, offs_n, offs_m, N, M, bias_ptr, res_ptr, out_ptr, stride_rm, stride_om,
-                  HAS_BIAS, ACT_GELU, HAS_RES)
+        _epilogue_lora(acc, offs_n, offs_m, N, M, bias_ptr, res_ptr, out_ptr, stride_rm, stride_om,
+                       HAS_BIAS, ACT_GELU, HAS_RES,
+                       lora_h_ptr, lora_b_ptr, lora_slot_ptr, LORA_R, LORA_S, lora_parts, LORA_K, lora_eps,
+                       lora_cnt_ptr, n_consumers, lora_b_pre, HAS_LORA, LORA_LN, LORA_BLOCK_R, LORA_NP)
     else:
         # Partial tile -> workspace [S, M, N] (fp32).
         ws_mask = (offs_n < N)[:, None] & (offs_m < M)[None, :]
@@ -294,8 +533,10 @@ def _fused_linear_kernel(
                 total = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
                 for s in range(0, n_splits):
                     total += tl.load(ws_ptr + s * M * N + ws_tile, mask=ws_mask, other=0.0, cache_modifier=".cg")
-                _epilogue(total, offs_n, offs_m, N, M, bias_ptr, res_ptr, out_ptr, stride_rm, stride_om,
-                          HAS_BIAS, ACT_GELU, HAS_RES)
+                _epilogue_lora(total, offs_n, offs_m, N, M, bias_ptr, res_ptr, out_ptr, stride_rm, stride_om,
+                               HAS_BIAS, ACT_GELU, HAS_RES,
+                               lora_h_ptr, lora_b_ptr, lora_slot_ptr, LORA_R, LORA_S, lora_parts, LORA_K, lora_eps,
+                               lora_cnt_ptr, n_consumers, lora_b_pre, HAS_LORA, LORA_LN, LORA_BLOCK_R, LORA_NP)
                 # Re-arm the counter for the next launch (and the next CUDA-graph replay). Nobody else touches it
                 # before this kernel ends: all n_splits programs of this tile have arrived.
                 tl.atomic_xchg(cnt_ptr + pid_n, 0)
@@ -304,8 +545,14 @@ def _fused_linear_kernel(
 @triton.jit
 def _splitk_reduce_kernel(ws_ptr, bias_ptr, res_ptr, out_ptr, M, N, n_splits, stride_rm, stride_om,
                           HAS_BIAS: tl.constexpr, ACT_GELU: tl.constexpr, HAS_RES: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          lora_h_ptr, lora_b_ptr, lora_slot_ptr, LORA_R, LORA_S, lora_parts, LORA_K, lora_eps,
+                          lora_a_ptr, lora_cnt_ptr,
+                          HAS_LORA: tl.constexpr, LORA_LN: tl.constexpr, LORA_BLOCK_R: tl.constexpr,
+                          LORA_NP: tl.constexpr, LORA_BLOCK_K: tl.constexpr):
     """split_mode="two_pass": sum the S partials in split order (same order as the serial path) + epilogue."""
+    n_consumers = tl.num_programs(0)  # unused: LoRA producers (LORA_NP > 0) run with serial split-K only
+    lora_b_pre = n_consumers  # read by the one-row epilogue only
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     mask = (offs_n < N)[:, None] & (offs_m < M)[None, :]
@@ -313,8 +560,10 @@ def _splitk_reduce_kernel(ws_ptr, bias_ptr, res_ptr, out_ptr, M, N, n_splits, st
     total = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for s in range(0, n_splits):
         total += tl.load(ws_ptr + s * M * N + tile, mask=mask, other=0.0)
-    _epilogue(total, offs_n, offs_m, N, M, bias_ptr, res_ptr, out_ptr, stride_rm, stride_om,
-              HAS_BIAS, ACT_GELU, HAS_RES)
+    _epilogue_lora(total, offs_n, offs_m, N, M, bias_ptr, res_ptr, out_ptr, stride_rm, stride_om,
+                   HAS_BIAS, ACT_GELU, HAS_RES,
+                   lora_h_ptr, lora_b_ptr, lora_slot_ptr, LORA_R, LORA_S, lora_parts, LORA_K, lora_eps,
+                   lora_cnt_ptr, n_consumers, lora_b_pre, HAS_LORA, LORA_LN, LORA_BLOCK_R, LORA_NP)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -390,11 +639,25 @@ def _batched_linear_kernel(
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
     W_EVICT: tl.constexpr,
+    lora_h_ptr, lora_b_ptr, lora_slot_ptr, LORA_R, LORA_S, lora_parts, LORA_K, lora_eps,
+    lora_a_ptr, lora_cnt_ptr,
+    HAS_LORA: tl.constexpr, LORA_LN: tl.constexpr, LORA_BLOCK_R: tl.constexpr,
+    LORA_NP: tl.constexpr,  # > 0: that many programs of axis 0 (the first) are the LoRA shrink's producers
+    LORA_BLOCK_K: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
+    pid_n = tl.program_id(0) - LORA_NP
     pid_s = tl.program_id(1)
-    n_tiles = tl.num_programs(0)
+    n_tiles = tl.num_programs(0) - LORA_NP
     n_splits = tl.num_programs(1)
+    n_consumers = n_tiles
+    lora_b_pre = n_tiles  # several rows: the epilogue loads B per slot present
+    if LORA_NP > 0:
+        if pid_n < 0:  # a LoRA shrink producer (as in _fused_linear_kernel)
+            if pid_s == 0:
+                _lora_produce(pid_n + LORA_NP, LORA_NP, x_ptr, stride_xm, M, K, lora_a_ptr, LORA_R, LORA_S,
+                              lnw_ptr, lnb_ptr, lora_slot_ptr, lora_h_ptr, lora_cnt_ptr, LORA_LN, HAS_LN_BIAS,
+                              DOT_PRECISION, LORA_BLOCK_R, LORA_BLOCK_K)
+            return
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_M)
@@ -458,8 +721,10 @@ def _batched_linear_kernel(
     if SPLIT_MODE == 0:
         if HAS_LN:
             acc = _ln_unfold(acc, s1r, s2r, cols, M, K, ln_eps)
-        _epilogue(acc, offs_n, cols, N, M, bias_ptr, res_ptr, out_ptr, stride_rm, stride_om,
-                  HAS_BIAS, ACT_GELU, HAS_RES)
+        _epilogue_lora(acc, offs_n, cols, N, M, bias_ptr, res_ptr, out_ptr, stride_rm, stride_om,
+                       HAS_BIAS, ACT_GELU, HAS_RES,
+                       lora_h_ptr, lora_b_ptr, lora_slot_ptr, LORA_R, LORA_S, lora_parts, LORA_K, lora_eps,
+                       lora_cnt_ptr, n_consumers, lora_b_pre, HAS_LORA, LORA_LN, LORA_BLOCK_R, LORA_NP)
     else:
         # Partial tile -> workspace [S, MC, N] (MC = M, plus the two LN sums' columns), statistics -> [S, tiles,
         # 2, BLOCK_M] (one slot per program: no two programs write the same address).
@@ -480,8 +745,10 @@ def _batched_linear_kernel(
                                               HAS_LN, BLOCK_M, BLOCK_N)
                 if HAS_LN:
                     total = _ln_unfold(total, t1, t2, cols, M, K, ln_eps)
-                _epilogue(total, offs_n, cols, N, M, bias_ptr, res_ptr, out_ptr, stride_rm, stride_om,
-                          HAS_BIAS, ACT_GELU, HAS_RES)
+                _epilogue_lora(total, offs_n, cols, N, M, bias_ptr, res_ptr, out_ptr, stride_rm, stride_om,
+                               HAS_BIAS, ACT_GELU, HAS_RES,
+                               lora_h_ptr, lora_b_ptr, lora_slot_ptr, LORA_R, LORA_S, lora_parts, LORA_K, lora_eps,
+                               lora_cnt_ptr, n_consumers, lora_b_pre, HAS_LORA, LORA_LN, LORA_BLOCK_R, LORA_NP)
                 tl.atomic_xchg(cnt_ptr + pid_n, 0)
 
 
@@ -489,10 +756,16 @@ def _batched_linear_kernel(
 def _batched_reduce_kernel(ws_ptr, st_ptr, bias_ptr, res_ptr, out_ptr, M, N, K, ln_eps, n_splits,
                            stride_rm, stride_om,
                            HAS_BIAS: tl.constexpr, HAS_LN: tl.constexpr, ACT_GELU: tl.constexpr,
-                           HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                           HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                           lora_h_ptr, lora_b_ptr, lora_slot_ptr, LORA_R, LORA_S, lora_parts, LORA_K, lora_eps,
+                           lora_a_ptr, lora_cnt_ptr,
+                           HAS_LORA: tl.constexpr, LORA_LN: tl.constexpr, LORA_BLOCK_R: tl.constexpr,
+                           LORA_NP: tl.constexpr, LORA_BLOCK_K: tl.constexpr):
     """split_mode="two_pass" of the batched path: no atomics at all. Same tiles as the main kernel (the
     statistics slots are per tile), same summation order and epilogue as the serial mode: identical bits."""
     pid_n = tl.program_id(0)
+    n_consumers = tl.num_programs(0)  # unused: LoRA producers (LORA_NP > 0) run with serial split-K only
+    lora_b_pre = n_consumers  # read by the one-row epilogue only
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_M)
     MC = M + 2 if HAS_LN else M
@@ -500,8 +773,10 @@ def _batched_reduce_kernel(ws_ptr, st_ptr, bias_ptr, res_ptr, out_ptr, M, N, K, 
                                   HAS_LN, BLOCK_M, BLOCK_N)
     if HAS_LN:
         total = _ln_unfold(total, s1, s2, cols, M, K, ln_eps)
-    _epilogue(total, offs_n, cols, N, M, bias_ptr, res_ptr, out_ptr, stride_rm, stride_om,
-              HAS_BIAS, ACT_GELU, HAS_RES)
+    _epilogue_lora(total, offs_n, cols, N, M, bias_ptr, res_ptr, out_ptr, stride_rm, stride_om,
+                   HAS_BIAS, ACT_GELU, HAS_RES,
+                   lora_h_ptr, lora_b_ptr, lora_slot_ptr, LORA_R, LORA_S, lora_parts, LORA_K, lora_eps,
+                   lora_cnt_ptr, n_consumers, lora_b_pre, HAS_LORA, LORA_LN, LORA_BLOCK_R, LORA_NP)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -550,7 +825,9 @@ def _capturing(device: torch.device) -> bool:
 
 def _scratch(device: torch.device, ws_elems: int, cnt_elems: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The cached workspace and counters, grown if needed; None if they are too small during graph capture."""
-    key = (device.type, device.index)
+    # "cuda" and "cuda:0" must share one entry: a reservation made for the one is found by calls on the other.
+    index = device.index if device.index is not None or device.type != "cuda" else torch.cuda.current_device()
+    key = (device.type, index)
     ws, cnt = _WORKSPACE.get(key), _COUNTERS.get(key)
     if ws is None or ws.numel() < ws_elems or cnt is None or cnt.numel() < cnt_elems:
         if _capturing(device):
@@ -562,6 +839,13 @@ def _scratch(device: torch.device, ws_elems: int, cnt_elems: int) -> tuple[torch
             cnt = torch.zeros(max(cnt_elems, _CNT_MIN_ELEMS), dtype=torch.int32, device=device)
             _COUNTERS[key] = cnt
     return ws, cnt
+
+
+def reserve_scratch(device) -> None:
+    """Allocate the device's split-K workspace and counters now. Call before capturing CUDA graphs: a capture
+    that finds them missing cannot allocate, so its linears run unsplit (and LoRA deltas without in-kernel
+    producers), and the engine's eager steps never reach ``fused_linear`` to allocate them."""
+    _scratch(torch.device(device), _WS_MIN_ELEMS, _CNT_MIN_ELEMS)
 
 
 def _m_bucket(m: int) -> int:
@@ -598,6 +882,97 @@ def resolve_config(m: int, n: int, k: int, device, config: dict | None = None) -
     return cfg
 
 
+def ln_folded_width(rank: int) -> int:
+    """Columns of a LayerNorm-folded LoRA shrink partial (``kernels.lora.lora_shrink_partials`` with a norm)."""
+    return 3 * rank + 2
+
+
+def lora_h_from_parts(h_parts: torch.Tensor, rank: int, k: int, ln_eps: float) -> torch.Tensor:
+    """h = LayerNorm(x) @ A.T ``[T, R]`` from the LN-folded shrink partials ``[P, T, 3R + 2]`` (K = ``k``): with c
+    the shift, the columns sum to P = sum (x - c) g A, G = sum g A, B = sum b A, s1 = sum (x - c), s2 = sum
+    (x - c)^2, and LN(x) @ A.T = rstd * (P - (mu - c) * G) + B. (The fused epilogue does the same in fp32.)"""
+    total = h_parts.sum(0)
+    p, g, b = total[:, :rank], total[:, rank:2 * rank], total[:, 2 * rank:3 * rank]
+    mean_d = total[:, 3 * rank] / k
+    rstd = torch.rsqrt((total[:, 3 * rank + 1] / k - mean_d * mean_d).clamp_min(0.0) + ln_eps)
+    return rstd[:, None] * (p - mean_d[:, None] * g) + b
+
+
+# In-kernel LoRA shrink (``LoraDelta.lora_a``): producer programs, each over an equal share of K's chunks of
+# LORA_SHRINK_BLOCK_K. They run beside the weight stream, so a few with several chunks each finish long before
+# the epilogues wait on them, and the epilogues sum few partials.
+LORA_PRODUCERS_MAX = 8
+LORA_PRODUCER_MIN_K = 256
+LORA_SHRINK_BLOCK_K = 64
+
+
+@dataclass(frozen=True)
+class LoraDelta:
+    """A multi-LoRA delta for ``fused_linear``'s epilogue, added before the activation: row m gets
+    ``h[m] @ lora_b[slot_ids[m]].T``; rows whose slot is outside ``[0, S)`` get nothing. ``lora_b``: ``[S, N, R]``
+    contiguous, ``slot_ids``: int ``[M]``. h is one of:
+
+    * ``lora_a`` (``[S, R, K]`` contiguous): computed inside the kernel from the same x (and LayerNorm) as the
+      product, by producer programs that run beside the weight stream (``_lora_produce``): the delta costs no
+      launch of its own and its shrink is off the critical path;
+    * ``h_parts``: given, the sum of fp32 split-K partials ``[P, M, R]`` (``kernels.lora.lora_shrink_partials``;
+      rows without adapter are never read), or with ``ln_eps`` set, LayerNorm-folded partials
+      ``[P, M, 3R + 2]`` of the layer's raw x (``lora_h_from_parts``)."""
+
+    lora_b: torch.Tensor
+    slot_ids: torch.Tensor
+    lora_a: torch.Tensor | None = None
+    h_parts: torch.Tensor | None = None
+    ln_eps: float | None = None
+
+
+def lora_producers(k: int) -> int:
+    return max(1, min(LORA_PRODUCERS_MAX, LORA_MAX_PARTS.value, k // LORA_PRODUCER_MIN_K))
+
+
+def _lora_args(lora: LoraDelta | None, m: int, n: int, k: int, ln_eps: float | None, dummy: torch.Tensor) -> dict:
+    """The LoRA epilogue's kernel arguments (pointers of a disabled part are never dereferenced); ``ln_eps``: the
+    product's LayerNorm, if it has one (in-kernel producers fold the same one into h)."""
+    args = dict(lora_h_ptr=dummy, lora_b_ptr=dummy, lora_slot_ptr=dummy, LORA_R=0, LORA_S=0, lora_parts=0,
+                LORA_K=k, lora_eps=0.0, lora_a_ptr=dummy, lora_cnt_ptr=dummy, HAS_LORA=False, LORA_LN=False,
+                LORA_BLOCK_R=16, LORA_NP=0, LORA_BLOCK_K=LORA_SHRINK_BLOCK_K)
+    if lora is None:
+        return args
+    s, nb, r = lora.lora_b.shape
+    assert nb == n and lora.lora_b.is_contiguous(), f"lora_b must be a contiguous [S, {n}, R]"
+    assert lora.slot_ids.shape == (m,) and lora.slot_ids.is_contiguous()
+    assert (lora.lora_a is None) != (lora.h_parts is None), "LoraDelta: give lora_a or h_parts"
+    args.update(lora_b_ptr=lora.lora_b, lora_slot_ptr=lora.slot_ids, LORA_R=r, LORA_S=s, HAS_LORA=True,
+                LORA_BLOCK_R=max(16, triton.next_power_of_2(r)))
+    if lora.lora_a is not None:
+        assert lora.lora_a.shape == (s, r, k) and lora.lora_a.is_contiguous(), f"lora_a must be a contiguous [S, R, {k}]"
+        producers = lora_producers(k)
+        width = ln_folded_width(r) if ln_eps is not None else r
+        h_parts = torch.empty(producers, m, width, dtype=torch.float32, device=dummy.device)
+        args.update(lora_h_ptr=h_parts, lora_parts=producers, lora_eps=float(ln_eps or 0.0), lora_a_ptr=lora.lora_a,
+                    LORA_LN=ln_eps is not None, LORA_NP=producers)
+        return args
+    assert lora.h_parts.shape[0] <= LORA_MAX_PARTS.value, f"at most {LORA_MAX_PARTS.value} partials"
+    folded = lora.ln_eps is not None
+    width = ln_folded_width(r) if folded else r
+    assert lora.h_parts.shape[1:] == (m, width) and lora.h_parts.is_contiguous(), (
+        f"h_parts is {tuple(lora.h_parts.shape)}, expected [P, {m}, {width}]")
+    assert lora.h_parts.dtype == torch.float32
+    args.update(lora_h_ptr=lora.h_parts, lora_parts=lora.h_parts.shape[0], lora_eps=float(lora.ln_eps or 0.0),
+                LORA_LN=folded)
+    return args
+
+
+def _lora_counters(args: dict, device: torch.device) -> bool:
+    """Point in-kernel producers at their two counters (the last two of the cached split-K counters, which no N
+    tile reaches); False if graph capture finds none cached (the caller then computes h beforehand)."""
+    scratch = _scratch(device, 0, 2)
+    if scratch is None:
+        return False
+    args["lora_cnt_ptr"] = scratch[1][-2:]
+    return True
+
+
 def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
     t = t.reshape(-1, n)
     return t if t.stride(1) == 1 else t.contiguous()
@@ -615,14 +990,16 @@ def fused_linear(
     residual: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     config: dict | None = None,
+    lora: LoraDelta | None = None,
 ) -> torch.Tensor:
-    """``act(LayerNorm(x) @ weight.T + bias) + residual`` for a small batch, one pass over ``weight``.
+    """``act(LayerNorm(x) @ weight.T + bias [+ lora delta]) + residual`` for a small batch, one pass over ``weight``.
 
     x: [..., K] with at most ``MAX_M`` rows in all; weight: [N, K] (``F.linear`` layout, rows contiguous);
     bias: [N]; ln_weight / ln_bias: [K] (LayerNorm applied when ``ln_weight`` is given; statistics in fp32);
     activation: None or "gelu_tanh"; residual: [..., N], added last (``out`` may be ``residual`` itself, for an
     in-place residual update). fp32 accumulation, result in ``x.dtype`` (or ``out``'s dtype), shaped [..., N].
-    ``config`` overrides launch parameters (see ``DOT_CONFIG``), for tests and tuning.
+    ``config`` overrides launch parameters (see ``DOT_CONFIG``), for tests and tuning. ``lora``: a multi-LoRA
+    delta the epilogue adds before the activation (``LoraDelta``), so that an adapter keeps the layer one kernel.
     """
     if activation not in (None, "gelu_tanh", "gelu_new"):
         raise ValueError(f"unsupported activation {activation!r}")
@@ -650,9 +1027,20 @@ def fused_linear(
         assert t is None or (t.shape == (size,) and t.is_contiguous()), f"{name} must be contiguous [{size}]"
 
     cfg = resolve_config(m, n, k, x.device, config)
+    lora_args = _lora_args(lora, m, n, k, ln_eps if ln_weight is not None else None, out2)
+    if lora_args["LORA_NP"]:
+        if not _lora_counters(lora_args, x.device):
+            from kernels.lora import lora_shrink_partials
+
+            h_parts = lora_shrink_partials(x2, lora.lora_a, lora.slot_ids, ln_weight=ln_weight, ln_bias=ln_bias)
+            lora = LoraDelta(lora.lora_b, lora.slot_ids, h_parts=h_parts,
+                             ln_eps=ln_eps if ln_weight is not None else None)
+            lora_args = _lora_args(lora, m, n, k, None, out2)
+        elif cfg["split"] > 1:  # the two-pass reduce kernel does not wait for the producers
+            cfg["split_mode"] = "serial"
     if cfg["path"] == "batched":
         _launch_batched(x2, weight, bias, ln_weight, ln_bias, ln_eps, activation, res2 if residual is not None
-                        else None, out2, cfg)
+                        else None, out2, cfg, lora_args)
         return out
     use_dot = cfg["path"] == "dot"
     block_m = 16 if use_dot else 1  # the dot path pads the batch to the MMA's minimum of 16 columns
@@ -669,7 +1057,7 @@ def fused_linear(
             ws, cnt = scratch
             split_mode = 1 if cfg["split_mode"] == "serial" else 2
     dummy = out2  # any tensor: pointers of disabled features are never dereferenced
-    _fused_linear_kernel[(tiles, split)](
+    _fused_linear_kernel[(tiles + lora_args["LORA_NP"], split)](
         x2, weight,
         bias if bias is not None else dummy,
         ln_weight if ln_weight is not None else dummy,
@@ -686,7 +1074,7 @@ def fused_linear(
         SPLIT_MODE=split_mode, USE_DOT=use_dot,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0, W_EVICT=cfg["w_evict"],
-        PREFETCH=bool(cfg.get("prefetch", True)),
+        PREFETCH=bool(cfg.get("prefetch", True)), **lora_args,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if split_mode == 2:
@@ -695,12 +1083,12 @@ def fused_linear(
             ws, bias if bias is not None else dummy, res2 if residual is not None else dummy, out2,
             m, n, split, res2.stride(0) if residual is not None else 0, out2.stride(0),
             HAS_BIAS=bias is not None, ACT_GELU=activation is not None, HAS_RES=residual is not None,
-            BLOCK_M=16, BLOCK_N=rb, num_warps=4,
+            BLOCK_M=16, BLOCK_N=rb, **lora_args, num_warps=4,
         )
     return out
 
 
-def _launch_batched(x2, weight, bias, ln_weight, ln_bias, ln_eps, activation, res2, out2, cfg) -> None:
+def _launch_batched(x2, weight, bias, ln_weight, ln_bias, ln_eps, activation, res2, out2, cfg, lora_args) -> None:
     """The "batched" path's launch(es): the main kernel, plus the reduce kernel in two-pass split-K mode."""
     m, k = x2.shape
     n = weight.shape[0]
@@ -724,9 +1112,9 @@ def _launch_batched(x2, weight, bias, ln_weight, ln_bias, ln_eps, activation, re
             split_mode = 1 if cfg["split_mode"] == "serial" else 2
     dummy = out2  # pointers of disabled features are never dereferenced
     common = dict(HAS_BIAS=bias is not None, HAS_LN=has_ln, ACT_GELU=activation is not None,
-                  HAS_RES=res2 is not None, BLOCK_M=block_m, BLOCK_N=block_n)
+                  HAS_RES=res2 is not None, BLOCK_M=block_m, BLOCK_N=block_n, **lora_args)
     res_stride = res2.stride(0) if res2 is not None else 0
-    _batched_linear_kernel[(tiles, split)](
+    _batched_linear_kernel[(tiles + lora_args["LORA_NP"], split)](
         x2, weight,
         bias if bias is not None else dummy,
         ln_weight if has_ln else dummy,
@@ -763,6 +1151,7 @@ def fused_linear_ref(
     residual: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     config: dict | None = None,
+    lora: LoraDelta | None = None,
 ) -> torch.Tensor:
     """PyTorch reference of ``fused_linear``: everything in fp32, rounded once to x.dtype (or out's dtype)."""
     del config
@@ -773,6 +1162,14 @@ def fused_linear_ref(
         h = torch.nn.functional.layer_norm(h, (x.shape[-1],), ln_weight.float(),
                                            None if ln_bias is None else ln_bias.float(), ln_eps)
     y = torch.nn.functional.linear(h, weight.float(), None if bias is None else bias.float())
+    if lora is not None:
+        s, _, r = lora.lora_b.shape
+        ids = lora.slot_ids.long()
+        has = (ids >= 0) & (ids < s)
+        lora_h = lora.h_parts.sum(0) if lora.ln_eps is None else lora_h_from_parts(lora.h_parts, r, x.shape[-1],
+                                                                                     lora.ln_eps)
+        delta = torch.einsum("mr,mnr->mn", lora_h, lora.lora_b[ids.clamp(0, s - 1)].float())
+        y = y + torch.where(has[:, None], delta, 0.0).view(y.shape)
     if activation is not None:
         y = torch.nn.functional.gelu(y, approximate="tanh")
     if residual is not None:

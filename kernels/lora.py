@@ -46,7 +46,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.decode_linear import _sm_count
+from kernels.decode_linear import (_dot_fp32_lhs, _lora_shrink_tile, _lora_store_part, _sm_count, ln_folded_width,
+                                   lora_h_from_parts)
 
 NO_ADAPTER = -1
 
@@ -145,45 +146,36 @@ def _tile_rows(pid, slot_ptr, order_ptr, starts_ptr, T, S, SORTED: tl.constexpr,
 
 
 @triton.jit(do_not_specialize=["T"])
-def _shrink_kernel(x_ptr, a_ptr, h_ptr, slot_ptr, order_ptr, starts_ptr,
+def _shrink_kernel(x_ptr, a_ptr, h_ptr, slot_ptr, order_ptr, starts_ptr, lnw_ptr, lnb_ptr,
                    T, K, R, S,
-                   stride_xt, stride_as, stride_ar, stride_hp,
+                   stride_xt, stride_as, stride_ar, stride_hp, stride_ht,
                    SORTED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                   HAS_LN: tl.constexpr, HAS_LN_BIAS: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-    """h_part[split, rows, :R] = x[rows, K range of this split] @ A[slot, :R, same range].T, fp32.
-    Rows of no adapter inside a masked tile get zeros; rows outside every tile are not written."""
+    """h_part[split, rows, :R] = x[rows, K range of this split] @ A[slot, :R, same range].T, fp32 (with HAS_LN
+    the LayerNorm-folded columns of ``decode_linear._lora_shrink_tile``). Rows of no adapter inside a masked tile
+    get zeros; rows outside every tile are not written."""
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     n_split = tl.num_programs(1)
     rows, row_ok, row_slot, s_lo, s_hi = _tile_rows(pid_m, slot_ptr, order_ptr, starts_ptr, T, S, SORTED,
                                                     BLOCK_M)
-    offs_r = tl.arange(0, BLOCK_R)
-    r_ok = offs_r < R
     n_chunks = tl.cdiv(K, BLOCK_K)
     c_lo = pid_k * n_chunks // n_split
     c_hi = (pid_k + 1) * n_chunks // n_split
-    x_rows = x_ptr + rows[:, None] * stride_xt
-    acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-    for s in range(s_lo, s_hi):
-        sel = row_ok & (row_slot == s)
-        if tl.max(sel.to(tl.int32), axis=0) > 0:
-            # A read as its transpose [BLOCK_K, BLOCK_R]: still contiguous along K in memory.
-            a_cols = a_ptr + s * stride_as + offs_r[None, :] * stride_ar
-            for c in range(c_lo, c_hi):
-                offs_k = c * BLOCK_K + tl.arange(0, BLOCK_K)
-                k_ok = offs_k < K
-                a = tl.load(a_cols + offs_k[:, None], mask=k_ok[:, None] & r_ok[None, :], other=0.0)
-                xk = tl.load(x_rows + offs_k[None, :], mask=sel[:, None] & k_ok[None, :], other=0.0)
-                acc = tl.dot(xk.to(a.dtype), a, acc, input_precision=DOT_PRECISION)
-    h_ptrs = h_ptr + pid_k * stride_hp + rows[:, None] * R + offs_r[None, :]
-    tl.store(h_ptrs, acc, mask=row_ok[:, None] & r_ok[None, :])
+    acc, g_sum, b_sum, s1, s2 = _lora_shrink_tile(x_ptr + rows[:, None] * stride_xt, a_ptr, lnw_ptr, lnb_ptr,
+                                                  row_ok, row_slot, s_lo, s_hi, c_lo, c_hi, K, R,
+                                                  stride_as, stride_ar, HAS_LN, HAS_LN_BIAS, DOT_PRECISION,
+                                                  BLOCK_M, BLOCK_R, BLOCK_K)
+    _lora_store_part(h_ptr + pid_k * stride_hp, rows, row_ok, stride_ht, R, acc, g_sum, b_sum, s1, s2,
+                     HAS_LN, BLOCK_R)
 
 
 @triton.jit(do_not_specialize=["T"])
 def _expand_kernel(h_ptr, b_ptr, y_ptr, slot_ptr, order_ptr, starts_ptr,
                    T, N, R, S, n_parts,
                    stride_hp, stride_bs, stride_bn, stride_yt,
-                   SORTED: tl.constexpr, SPLIT_H: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                   SORTED: tl.constexpr, DOT_PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
     """y[rows, cols] += (sum_p h_part[p, rows]) @ B[slot, cols, :R].T for the rows with an adapter; y_ptr already
     points at the first column of this call's slice. One rounding per element of y."""
@@ -206,13 +198,7 @@ def _expand_kernel(h_ptr, b_ptr, y_ptr, slot_ptr, order_ptr, starts_ptr,
                 h += tl.load(h_ptrs + p * stride_hp, mask=h_mask, other=0.0)
             b = tl.load(b_ptr + s * stride_bs + offs_n[None, :] * stride_bn + offs_r[:, None],
                         mask=r_ok[:, None] & n_ok[None, :], other=0.0)  # B[s].T tile: [BLOCK_R, BLOCK_N]
-            if SPLIT_H:
-                h_hi = h.to(b.dtype)
-                h_lo = (h - h_hi.to(tl.float32)).to(b.dtype)
-                acc = tl.dot(h_hi, b, acc)
-                acc = tl.dot(h_lo, b, acc)
-            else:
-                acc = tl.dot(h.to(b.dtype), b, acc, input_precision=DOT_PRECISION)
+            acc = _dot_fp32_lhs(h, b, acc, DOT_PRECISION)
     has_adapter = row_ok & (row_slot >= 0) & (row_slot < S)
     mask = has_adapter[:, None] & n_ok[None, :]
     y_ptrs = y_ptr + rows[:, None] * stride_yt + offs_n[None, :]
@@ -297,7 +283,7 @@ def _segments_for(path: str, slot_ids: torch.Tensor, num_slots: int, segments: L
     return segments
 
 
-def _launch_shrink(x, lora_a, slot_ids, segs, h_parts, cfg):
+def _launch_shrink(x, lora_a, slot_ids, segs, h_parts, cfg, ln_weight=None, ln_bias=None):
     t, k = x.shape
     s, r, _ = lora_a.shape
     c = cfg["shrink"]
@@ -305,11 +291,16 @@ def _launch_shrink(x, lora_a, slot_ids, segs, h_parts, cfg):
     sorted_ = segs is not None
     tiles = triton.cdiv(t, bm) + (min(s, t) if sorted_ else 0)
     order, starts = (segs.order, segs.starts) if sorted_ else (slot_ids, slot_ids)  # unused when masked
+    for v, name in ((ln_weight, "ln_weight"), (ln_bias, "ln_bias")):
+        assert v is None or (v.shape == (k,) and v.is_contiguous()), f"{name} must be a contiguous [{k}]"
+    assert ln_bias is None or ln_weight is not None, "ln_bias without ln_weight"
     _shrink_kernel[(tiles, c["split"])](
         x, lora_a, h_parts, slot_ids, order, starts,
+        ln_weight if ln_weight is not None else x, ln_bias if ln_bias is not None else x,  # x: never read
         t, k, r, s,
-        x.stride(0), lora_a.stride(0), lora_a.stride(1), h_parts.stride(0),
+        x.stride(0), lora_a.stride(0), lora_a.stride(1), h_parts.stride(0), h_parts.stride(1),
         SORTED=sorted_, DOT_PRECISION="ieee" if lora_a.dtype == torch.float32 else "tf32",
+        HAS_LN=ln_weight is not None, HAS_LN_BIAS=ln_bias is not None,
         BLOCK_M=bm, BLOCK_R=cfg["block_r"], BLOCK_K=c["block_k"],
         num_warps=c["num_warps"], num_stages=c["num_stages"],
     )
@@ -327,8 +318,7 @@ def _launch_expand(h_parts, lora_b, slot_ids, segs, y_cols, cfg):
         h_parts, lora_b, y_cols, slot_ids, order, starts,
         t, n, r, s, h_parts.shape[0],
         h_parts.stride(0), lora_b.stride(0), lora_b.stride(1), y_cols.stride(0),
-        SORTED=sorted_, SPLIT_H=lora_b.dtype in (torch.float16, torch.bfloat16),
-        DOT_PRECISION="ieee" if lora_b.dtype == torch.float32 else "tf32",
+        SORTED=sorted_, DOT_PRECISION="ieee" if lora_b.dtype == torch.float32 else "tf32",
         BLOCK_M=bm, BLOCK_N=c["block_n"], BLOCK_R=cfg["block_r"],
         num_warps=c["num_warps"], num_stages=c["num_stages"],
     )
@@ -341,19 +331,45 @@ def _y_slice(y: torch.Tensor, t: int, n: int, column_offset: int) -> torch.Tenso
     return y[:, column_offset:column_offset + n]
 
 
-def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, slot_ids: torch.Tensor, *,
-                segments: LoraSegments | None = None, config: dict | None = None) -> torch.Tensor:
-    """``h[t] = x[t] @ lora_a[slot_ids[t]].T``: x [T, K] (fp16 / bf16 / fp32, K contiguous), lora_a [S, R, K]
-    -> h [T, R] **fp32**, zero rows for rows without adapter. (``apply_lora`` keeps the split-K partials unsummed
-    and leaves those rows unwritten; this standalone form sums and zero-fills, for tests and other callers.)"""
+def lora_shrink_partials(x: torch.Tensor, lora_a: torch.Tensor, slot_ids: torch.Tensor, *,
+                         ln_weight: torch.Tensor | None = None, ln_bias: torch.Tensor | None = None,
+                         segments: LoraSegments | None = None, config: dict | None = None,
+                         zero_fill: bool = False) -> torch.Tensor:
+    """The shrink alone, for a consumer that sums the split-K partials itself (``decode_linear.LoraDelta``):
+    fp32 ``h_parts [split, T, W]``. Without ``ln_weight``: W = R and the sum over the first axis is
+    ``x[t] @ lora_a[slot_ids[t]].T``. With it: the shrink of ``LayerNorm(x)`` (gamma ``ln_weight``, beta
+    ``ln_bias``), folded: W = 3R + 2 columns (``_shrink_kernel``) that ``decode_linear.lora_h_from_parts`` (or the
+    fused linear's epilogue) turns into h given the norm's eps. x [T, K] (K contiguous), lora_a [S, R, K]. Rows
+    without adapter are zero with ``zero_fill``, unspecified otherwise. One launch (plus the grouping on the
+    sorted path without ``segments``)."""
     _check_stacks(lora_a, None)
     t, k = x.shape
     s, r, ka = lora_a.shape
-    assert ka == k and x.stride(1) == 1 and slot_ids.shape == (t,)
+    assert ka == k and x.stride(1) == 1 and slot_ids.shape == (t,) and slot_ids.is_contiguous()
     cfg = resolve_config(t, k, 0, r, s, x.device, config)
-    h_parts = torch.zeros(cfg["shrink"]["split"], t, r, dtype=torch.float32, device=x.device)
-    if t:
-        _launch_shrink(x, lora_a, slot_ids, _segments_for(cfg["path"], slot_ids, s, segments), h_parts, cfg)
+    alloc = torch.zeros if zero_fill else torch.empty
+    width = ln_folded_width(r) if ln_weight is not None else r
+    h_parts = alloc(cfg["shrink"]["split"], t, width, dtype=torch.float32, device=x.device)
+    if t and s:
+        _launch_shrink(x, lora_a, slot_ids, _segments_for(cfg["path"], slot_ids, s, segments), h_parts, cfg,
+                       ln_weight, ln_bias)
+    return h_parts
+
+
+def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, slot_ids: torch.Tensor, *,
+                ln_weight: torch.Tensor | None = None, ln_bias: torch.Tensor | None = None, ln_eps: float = 1e-5,
+                segments: LoraSegments | None = None, config: dict | None = None) -> torch.Tensor:
+    """``h[t] = x'[t] @ lora_a[slot_ids[t]].T`` with x' = x, or ``LayerNorm(x)`` (fp32 statistics) when
+    ``ln_weight`` is given: x [T, K] (fp16 / bf16 / fp32, K contiguous), lora_a [S, R, K] -> h [T, R] **fp32**,
+    zero rows for rows without adapter. (``apply_lora`` keeps the split-K partials unsummed and leaves those rows
+    unwritten; this standalone form sums and zero-fills, for tests and other callers.)"""
+    h_parts = lora_shrink_partials(x, lora_a, slot_ids, ln_weight=ln_weight, ln_bias=ln_bias, segments=segments,
+                                   config=config, zero_fill=True)
+    if ln_weight is not None:
+        s = lora_a.shape[0]
+        has = (slot_ids >= 0) & (slot_ids < s)
+        h = lora_h_from_parts(h_parts, lora_a.shape[1], x.shape[1], ln_eps)
+        return torch.where(has[:, None], h, 0.0)  # padding rows' statistics are zeros: their h is not
     return h_parts[0] if h_parts.shape[0] == 1 else h_parts.sum(0)
 
 

@@ -1,4 +1,6 @@
 import os
+import socket
+import time
 
 import torch
 
@@ -45,6 +47,38 @@ def make_engine(tiny_model_dir):
     for engine in engines:
         engine.kv.check_invariants()
         assert engine.kv.all_free(), f"KV blocks leaked: {engine.stats()}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout_s: float, what: str, period_s: float = 0.1):
+    """Poll ``predicate`` until it returns something true (returned), or fail naming ``what``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout_s} s")
+        time.sleep(period_s)
+
+
+def make_peft_adapter(base_dir, out, rank: int, alpha: int, targets: list[str], seed: int):
+    """A LoRA adapter made by PEFT itself (random, non-zero B) and saved in its own layout, so that the engine
+    reads the real format."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel.from_pretrained(base_dir, torch_dtype=torch.float32)
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, fan_in_fan_out=True,
+                        init_lora_weights=False, lora_dropout=0.0)
+    get_peft_model(model, config).save_pretrained(out)
+    return out
 
 
 def run_to_completion(engine: LLMEngine, max_steps: int = 100_000) -> dict:

@@ -12,7 +12,7 @@ import torch
 
 from engine import LLMEngine, SamplingParams
 from engine.lora import LoRAError, UnknownLoRAError
-from tests.conftest import engine_config, hf_greedy, run_to_completion
+from tests.conftest import engine_config, hf_greedy, make_peft_adapter, run_to_completion
 
 peft = pytest.importorskip("peft")
 
@@ -24,23 +24,10 @@ ADAPTERS = {  # name: (rank, alpha, target modules, seed)
 }
 
 
-def _make_adapter(base_dir, out, rank, alpha, targets, seed):
-    from peft import LoraConfig, get_peft_model
-    from transformers import GPT2LMHeadModel
-
-    torch.manual_seed(seed)
-    model = GPT2LMHeadModel.from_pretrained(base_dir, torch_dtype=torch.float32)
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, fan_in_fan_out=True,
-                        init_lora_weights=False, lora_dropout=0.0)
-    peft_model = get_peft_model(model, config)
-    peft_model.save_pretrained(out)
-    return out
-
-
 @pytest.fixture(scope="module")
 def adapters(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("adapters")
-    return {name: _make_adapter(tiny_model_dir, root / name, *spec) for name, spec in ADAPTERS.items()}
+    return {name: make_peft_adapter(tiny_model_dir, root / name, *spec) for name, spec in ADAPTERS.items()}
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ async function loadModels() {
     const r = await fetch(new URL("models", API));
     const body = await r.json();
     if (!r.ok) throw new Error(apiMessage(body, r));
-    // Every id is listed (LoRA adapters will be served as extra model ids).
+    // Every id is listed: the base model, then each LoRA adapter the service serves.
     $("model").replaceChildren(...body.data.map((m) => new Option(m.id, m.id)));
   } catch (e) {
     showError(`could not list the models: ${e.message}`);

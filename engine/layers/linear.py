@@ -13,6 +13,25 @@ from torch import nn
 
 from engine.layers.quantization import LinearMethod
 
+# The sorted LoRA path groups a step's rows by slot; the grouping depends only on the step's slot ids, so every
+# layer of the step shares one: (slot ids tensor, captured into a graph or not, its LoraSegments).
+_step_segments: tuple | None = None
+
+
+def _segments_of_step(slots: torch.Tensor, num_slots: int):
+    from kernels.lora import MASKED_MAX_ROWS, lora_segments
+
+    global _step_segments
+    if slots.shape[0] <= MASKED_MAX_ROWS:
+        return None  # the masked path: no grouping
+    # Keyed by the tensor object (the model hands every layer the same one) and by capture: a graph's warm-up run
+    # and its capture see the same buffers, but the capture must record its own grouping launch.
+    capturing = slots.is_cuda and torch.cuda.is_current_stream_capturing()
+    cached = _step_segments
+    if cached is None or cached[0] is not slots or cached[1] != capturing or cached[2].num_slots != num_slots:
+        cached = _step_segments = (slots, capturing, lora_segments(slots, num_slots))
+    return cached[2]
+
 
 class Linear(nn.Module):
     transposed_checkpoint = False  # True where the checkpoint holds [in, out]
@@ -26,13 +45,19 @@ class Linear(nn.Module):
         # LoRA slots (engine/lora.py fills them when LoRA is enabled): [S, R, in] and [S, out, R].
         self.lora_a: torch.Tensor | None = None
         self.lora_b: torch.Tensor | None = None
+        # Whether some loaded adapter targets this layer (the model runner marks it). The others' slot stacks are
+        # all zeros, so they skip the LoRA kernels; a decode graph captured without them is recaptured when this
+        # changes.
+        self.lora_targeted = False
 
     def forward(self, x: torch.Tensor, *, norm: nn.LayerNorm | None = None, activation: str | None = None,
                 residual: torch.Tensor | None = None, lora_slots: torch.Tensor | None = None) -> torch.Tensor:
         """``activation(norm(x) @ W.T + b + lora(norm(x))) + residual``, each part optional (fused where the
         method can). ``lora_slots``: each row's adapter slot, -1 for none; None when no row has one."""
-        if lora_slots is None or self.lora_a is None:
+        if lora_slots is None or self.lora_a is None or not self.lora_targeted:
             return self.method.apply(self, x, norm, activation, residual)
+        if self._fuses_lora(x):
+            return self._fused_lora_forward(x, norm, activation, residual, lora_slots)
         # The delta must join before the activation, so the norm and the activation leave the fused kernel;
         # bias and residual are additions, so the delta can follow them.
         h = norm(x) if norm is not None else x
@@ -40,7 +65,8 @@ class Linear(nn.Module):
         if h.is_cuda:
             from kernels.lora import apply_lora
 
-            apply_lora(h, y, self.lora_a, self.lora_b, lora_slots)
+            apply_lora(h, y, self.lora_a, self.lora_b, lora_slots,
+                       segments=_segments_of_step(lora_slots, self.lora_a.shape[0]))
         else:  # the CPU tests' tiny models: the reference is fast enough and exact
             from kernels.lora import lora_delta_ref
 
@@ -51,6 +77,26 @@ class Linear(nn.Module):
             y = F.gelu(y, approximate="tanh")
             return y if residual is None else y + residual
         return y
+
+    def _fuses_lora(self, x: torch.Tensor) -> bool:
+        """Whether this LoRA step goes through ``fused_linear`` with the delta in its epilogue: dense weights,
+        and the rows and graph capture for which ``LinearMethod.apply`` fuses the plain layer."""
+        if type(self.method) is not LinearMethod or not x.is_cuda or not torch.cuda.is_current_stream_capturing():
+            return False
+        from kernels.decode_linear import use_fused_linear
+
+        return use_fused_linear(x.shape[0], x.device)
+
+    def _fused_lora_forward(self, x, norm, activation, residual, lora_slots):
+        """One launch, as without LoRA: the fused linear's own producer programs compute the shrink (the
+        LayerNorm folded in) beside its weight stream, and its epilogue adds the delta before the activation, so
+        LayerNorm, bias, GELU and residual stay in the one kernel."""
+        from kernels.decode_linear import LoraDelta, fused_linear
+
+        return fused_linear(x, self.weight, self.bias, ln_weight=norm.weight if norm is not None else None,
+                            ln_bias=norm.bias if norm is not None else None,
+                            ln_eps=norm.eps if norm is not None else 1e-5, activation=activation,
+                            residual=residual, lora=LoraDelta(self.lora_b, lora_slots, lora_a=self.lora_a))
 
     def load_weight(self, name: str, tensor: torch.Tensor) -> None:
         if name == "bias" and self.bias is not None:

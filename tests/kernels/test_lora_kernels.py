@@ -11,7 +11,9 @@ import torch
 
 from tests.kernels.kernel_testing import DEVICE, interpreter_only, needs_gpu, randn as _randn, rel_err as _rel_err  # noqa: F401
 from kernels import lora  # noqa: E402
-from kernels.lora import apply_lora, lora_delta_ref, lora_expand, lora_segments, lora_shrink  # noqa: E402
+from kernels.decode_linear import LoraDelta, fused_linear, fused_linear_ref  # noqa: E402
+from kernels.lora import (apply_lora, lora_delta_ref, lora_expand, lora_segments, lora_shrink,  # noqa: E402
+                          lora_shrink_partials)
 
 
 def _slots(t, s, seed, device=DEVICE):
@@ -227,6 +229,133 @@ def test_config_resolution_and_empty():
     assert lora_shrink(x, a, torch.empty(0, dtype=torch.int32, device=DEVICE)).shape == (0, 8)
 
 
+def _layernorm(x, g, b, eps=1e-5):
+    return torch.nn.functional.layer_norm(x.float(), (x.shape[-1],), g.float(), None if b is None else b.float(), eps)
+
+
+def _ln_params(k, seed, dtype=torch.float32):
+    return (_randn(k, dtype=dtype, seed=seed, scale=0.3, offset=1.0), _randn(k, dtype=dtype, seed=seed + 1, scale=0.2))
+
+
+@pytest.mark.parametrize("t", [1, 5, 20])
+@pytest.mark.parametrize("shape", [(100, 16, 3), (72, 8, 2)], ids=lambda s: "K%d-R%d-S%d" % s)
+def test_shrink_with_layernorm(t, shape):
+    """The shrink normalises x itself (the decode path hands it the layer's raw input): h = LN(x) @ A[s].T on both
+    row-tiling paths, split-K or not, LN with and without beta; rows of an offset far from zero and an outlier
+    feature, so that the statistics must be taken around the mean."""
+    k, r, s = shape
+    x, a, _, _ = _problem(t, k, 8, r, s, seed=t + k)
+    x = x + 40.0
+    x[:, 3] += 300.0
+    g, beta = _ln_params(k, seed=k)
+    ids = _slots(t, s, seed=t)
+    ok = (ids >= 0) & (ids < s)
+    for b in (beta, None):
+        xn = _layernorm(x, g, b, 0.1)
+        h_ref = torch.zeros(t, r)
+        h_ref[ok] = torch.einsum("tk,trk->tr", xn[ok], a[ids[ok].long()])
+        for cfg in CONFIGS.values():
+            h = lora_shrink(x, a, ids, ln_weight=g, ln_bias=b, ln_eps=0.1, config=cfg)
+            assert torch.equal(h[~ok], torch.zeros_like(h[~ok]))
+            assert _rel_err(h, h_ref) <= 1e-5
+
+
+# fused_linear's paths, split-K modes included, at tiles smaller than the shapes (none of which they divide).
+EPILOGUE_CONFIGS = {
+    "fma": {"path": "fma", "block_n": 4, "block_k": 32, "split": 1},
+    "fma-split3-serial": {"path": "fma", "block_n": 4, "block_k": 32, "split": 3, "split_mode": "serial"},
+    "fma-split3-two_pass": {"path": "fma", "block_n": 4, "block_k": 32, "split": 3, "split_mode": "two_pass"},
+    "batched": {"path": "batched", "block_n": 16, "block_k": 32, "split": 1},
+    "batched-split2-serial": {"path": "batched", "block_n": 32, "block_k": 32, "split": 2, "split_mode": "serial"},
+    "batched-split2-two_pass": {"path": "batched", "block_n": 16, "block_k": 32, "split": 2,
+                                "split_mode": "two_pass"},
+    "dot-split2": {"path": "dot", "block_n": 16, "block_k": 32, "split": 2},
+}
+
+
+def _decode_layer_case(m, k, n, r, s, seed, dtype=torch.float32):
+    x, a, b, res = _problem(m, k, n, r, s, dtype=dtype, seed=seed)
+    w = _randn(n, k, dtype=dtype, seed=seed + 5, scale=k ** -0.5)
+    bias = _randn(n, dtype=dtype, seed=seed + 6, scale=0.1)
+    g, beta = _ln_params(k, seed=seed + 7, dtype=dtype)
+    ids = _slots(m, s, seed=seed + 8)
+    if m == 1:
+        ids.fill_(s - 1)
+    return x, a, b, res, w, bias, g, beta, ids
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 100, 70), (3, 72, 40), (7, 100, 52)])
+def test_fused_linear_adds_the_lora_delta_before_the_activation(m, k, n, monkeypatch):
+    """fused_linear(lora=...) == GELU(LN(x) @ W.T + bias + lora(LN(x))) + residual, with h given (LN-folded
+    partials of a separate shrink) or computed by the kernel's own producers (several of them here, one with no
+    chunk at all), on every fused_linear path the row count allows; rows without adapter come back bit-identical
+    to the layer without LoRA; the reference fused_linear_ref(lora=...) agrees."""
+    from kernels import decode_linear
+
+    monkeypatch.setattr(decode_linear, "LORA_PRODUCER_MIN_K", 32)
+    assert decode_linear.lora_producers(k) == k // 32
+    x, a, b, res, w, bias, g, beta, ids = _decode_layer_case(m, k, n, 8, 3, seed=m + n)
+    xn = _layernorm(x, g, beta)
+    ref = torch.nn.functional.gelu(xn @ w.T + bias + lora_delta_ref(xn, a, b, ids), approximate="tanh") + res
+    h_parts = lora_shrink_partials(x, a, ids, ln_weight=g, ln_bias=beta, config=CONFIGS["sorted-split3"])
+    given = LoraDelta(b, ids, h_parts=h_parts, ln_eps=1e-5)
+    in_kernel = LoraDelta(b, ids, lora_a=a)
+    kw = dict(ln_weight=g, ln_bias=beta, activation="gelu_tanh", residual=res)
+    assert _rel_err(fused_linear_ref(x, w, bias, **kw, lora=given), ref) <= 1e-5
+    none = ids < 0
+    for name, cfg in EPILOGUE_CONFIGS.items():
+        if name.startswith("fma") != (m == 1):
+            continue
+        plain = fused_linear(x, w, bias, **kw, config=cfg)
+        for delta in (given, in_kernel):
+            y = fused_linear(x, w, bias, **kw, lora=delta, config=cfg)
+            assert _rel_err(y, ref) <= 1e-5, name
+            assert torch.equal(y[none], plain[none]), name
+            assert not _lora_counters().any(), "the in-kernel producers' counters were not re-armed"
+
+
+def test_fused_linear_lora_without_norm_and_fp16():
+    """The c_proj shape of the fusion (no LN, residual only; h from a plain shrink's split-K partials or from
+    in-kernel producers, with the two-pass split mode turned serial for them), and 16-bit stacks, whose delta
+    enters the MMA as hi + lo parts."""
+    m, k, n, r, s = 5, 300, 48, 16, 3
+    for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 2e-3)):
+        x, a, b, res, w, bias, _, _, ids = _decode_layer_case(m, k, n, r, s, seed=81, dtype=dtype)
+        h_parts = lora_shrink_partials(x, a, ids, config=CONFIGS["sorted-split3"])
+        assert h_parts.shape == (3, m, r)
+        ref = x.float() @ w.float().T + bias.float() + lora_delta_ref(x, a, b, ids) + res.float()
+        for cfg in (EPILOGUE_CONFIGS["batched-split2-two_pass"], EPILOGUE_CONFIGS["dot-split2"]):
+            for delta in (LoraDelta(b, ids, h_parts=h_parts), LoraDelta(b, ids, lora_a=a)):
+                y = fused_linear(x, w, bias, residual=res, lora=delta, config=cfg)
+                assert y.dtype == dtype and _rel_err(y, ref) <= tol
+                assert not _lora_counters().any()
+
+
+def _lora_counters():
+    """The in-kernel producers' two counters (zero between launches)."""
+    from kernels import decode_linear
+
+    return torch.cat([torch.zeros(0, dtype=torch.int32)] + [c[-2:].cpu() for c in decode_linear._COUNTERS.values()])
+
+
+def test_linear_applies_lora_only_where_targeted():
+    """A Linear runs LoRA only when some loaded adapter targets it (``lora_targeted``, marked by the runner):
+    others skip the kernels, whatever their slot stacks hold (zeros in the engine)."""
+    from engine.layers.linear import Linear
+
+    k, n, r, s, t = 24, 20, 4, 2, 5
+    x, a, b, _ = _problem(t, k, n, r, s, seed=91, device="cpu")
+    layer = Linear(k, n)
+    layer.weight.data = _randn(n, k, seed=92, device="cpu")
+    layer.bias.data = _randn(n, seed=93, device="cpu")
+    layer.lora_a, layer.lora_b = a, b
+    ids = _slots(t, s, seed=94, device="cpu")
+    plain = layer(x)
+    assert torch.equal(layer(x, lora_slots=ids), plain)
+    layer.lora_targeted = True
+    assert _rel_err(layer(x, lora_slots=ids), plain + lora_delta_ref(x, a, b, ids)) <= 1e-5
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # GPU: GPT-2 XL's four linear shapes, 4 resident adapters of rank 16.
 
@@ -289,3 +418,93 @@ def test_gpu_cuda_graph_replay(t, path):
         assert _rel_err(y, ref) <= 1e-3
         none = ids < 0
         assert torch.equal(y[none], y0[none])
+
+
+# GPT-2's fusion of each decode layer: (LayerNorm before, activation, residual after).
+XL_FUSION = {"c_attn": (True, None, False), "attn.c_proj": (False, None, True), "c_fc": (True, "gelu_tanh", False),
+             "mlp.c_proj": (False, None, True)}
+
+
+@needs_gpu
+@pytest.mark.parametrize("layer", list(XL_FUSION))
+def test_gpu_decode_layers_in_a_graph(layer):
+    """Each XL layer as the decode graphs run it (Linear under capture: one fused linear whose producer programs
+    compute the LN-folded shrink and whose epilogue adds the delta) at 1, 4 and 10 rows, against the fp32
+    reference; replayed with new slots and x written in place (the producers' counters re-armed after every
+    replay); rows without adapter bit-identical to the same graph without LoRA."""
+    from engine.layers.basic import LayerNorm
+    from engine.layers.linear import Linear
+    from kernels.decode_linear import reserve_scratch
+
+    reserve_scratch("cuda")  # as DecodeGraphs does: the in-kernel producers' counters exist before capture
+    k, n = XL_SHAPES[layer]
+    has_ln, act, has_res = XL_FUSION[layer]
+    s, r = 4, 16
+    lin = Linear(k, n).to("cuda", torch.float16)
+    lin.weight.data = _randn(n, k, dtype=torch.float16, seed=1, scale=k ** -0.5)
+    lin.bias.data = _randn(n, dtype=torch.float16, seed=2, scale=0.1)
+    lin.lora_a = _randn(s, r, k, dtype=torch.float16, seed=3, scale=k ** -0.5)
+    lin.lora_b = _randn(s, n, r, dtype=torch.float16, seed=4, scale=r ** -0.5)
+    lin.lora_targeted = True
+    norm = LayerNorm(k, 1e-5).to("cuda", torch.float16)
+    norm.weight.data, norm.bias.data = _ln_params(k, seed=5, dtype=torch.float16)
+    for t in (1, 4, 10):
+        x = _randn(t, k, dtype=torch.float16, seed=t, scale=2.0, offset=0.3)
+        res = _randn(t, n, dtype=torch.float16, seed=t + 1)
+        ids = _slots(t, s, seed=t + 2)
+
+        def forward(slots):
+            return lin(x, norm=norm if has_ln else None, activation=act, residual=res if has_res else None,
+                       lora_slots=slots)
+
+        graphs = {}
+        for key, slots in (("lora", ids), ("plain", None)):
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                forward(slots)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = forward(slots)
+            graphs[key] = (graph, out)
+        for i in range(3):
+            if i:
+                ids.copy_(_slots(t, s, seed=300 + i))
+                x.copy_(_randn(t, k, dtype=torch.float16, seed=400 + i, scale=2.0, offset=0.3))
+            for graph, _ in graphs.values():
+                graph.replay()
+            torch.cuda.synchronize()
+            h = _layernorm(x, norm.weight, norm.bias) if has_ln else x.float()
+            ref = h @ lin.weight.float().T + lin.bias.float() + lora_delta_ref(h, lin.lora_a, lin.lora_b, ids)
+            ref = torch.nn.functional.gelu(ref, approximate="tanh") if act else ref
+            ref = ref + res.float() if has_res else ref
+            y, plain = graphs["lora"][1], graphs["plain"][1]
+            assert _rel_err(y, ref) <= 1e-3, (t, i)
+            none = ids < 0
+            assert torch.equal(y[none], plain[none])
+            assert not _lora_counters().any(), "the producers' counters were not re-armed"
+
+
+@needs_gpu
+def test_gpu_one_grouping_per_step(monkeypatch):
+    """Above MASKED_MAX_ROWS the layers of a step share one lora_segments launch (keyed by the step's slot ids
+    tensor), and a new step's tensor gets its own."""
+    from engine.layers.linear import Linear
+
+    calls = []
+    real = lora.lora_segments
+    monkeypatch.setattr(lora, "lora_segments", lambda *a: calls.append(1) or real(*a))
+    k, n, r, s, t = 64, 48, 16, 3, 40
+    x, a, b, _ = _problem(t, k, n, r, s, dtype=torch.float16, seed=97)
+    lin = Linear(k, n).to("cuda", torch.float16)
+    lin.weight.data = _randn(n, k, dtype=torch.float16, seed=98)
+    lin.bias.data.zero_()
+    lin.lora_a, lin.lora_b, lin.lora_targeted = a, b, True
+    for step in range(2):
+        ids = _slots(t, s, seed=step)
+        for _ in range(3):
+            y = lin(x, lora_slots=ids)
+        assert len(calls) == step + 1
+        ref = x.float() @ lin.weight.float().T + lora_delta_ref(x, a, b, ids)
+        assert _rel_err(y, ref) <= 1e-3

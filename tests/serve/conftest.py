@@ -12,8 +12,8 @@ serves HTTP itself, no proxy hop), the way the W4 benchmark is served.
 import asyncio
 import json
 import os
-import socket
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +25,7 @@ DIRECT_INGRESS = os.environ.get("GPT2SERVE_TEST_DIRECT_INGRESS") == "1"
 if DIRECT_INGRESS:  # read by every Ray process at import: must be set before ray.init
     os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
 
-from tests.conftest import engine_config  # noqa: E402
+from tests.conftest import engine_config, free_port  # noqa: E402
 
 APP_NAME = "gpt2-test"
 MODEL_NAME = "tiny-gpt2"
@@ -35,12 +35,6 @@ ENGINE_OVERRIDES = dict(num_gpu_blocks=256, max_num_seqs=8, max_num_batched_toke
 NUM_WORKERS = 2
 MAX_QUEUED = 16
 CHANNEL_IDLE_S = 2.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -87,6 +81,27 @@ class Service:
             time.sleep(0.1)
 
 
+@contextmanager
+def side_app(service: Service, name: str, route: str, engine: dict, workers: int = 1):
+    """Another application beside the session's, on the same Serve instance (quarter-CPU replicas, fast
+    heartbeats): yields its ``Service`` once its workers registered, deletes it afterwards."""
+    from ray import serve
+
+    import serve_app
+
+    quarter = {"ray_actor_options": {"num_cpus": 0.25}}
+    serve.run(serve_app.build_app({
+        "engine": engine, "served_model_name": MODEL_NAME, "heartbeat_interval_s": 0.2,
+        "channel_idle_s": CHANNEL_IDLE_S, "ingress": quarter, "scheduler": quarter,
+        "worker": {**quarter, "num_replicas": workers}}), name=name, route_prefix=route)
+    svc = Service(service.proxy_url + route, service.proxy_url, service.engine, app=name)
+    try:
+        svc.wait_for_workers(workers)
+        yield svc
+    finally:
+        serve.delete(name)
+
+
 @pytest.fixture(scope="session")
 def service(tiny_model_dir):
     import ray
@@ -95,7 +110,7 @@ def service(tiny_model_dir):
     import serve_app
 
     engine = engine_config(tiny_model_dir, **ENGINE_OVERRIDES)
-    port = _free_port()
+    port = free_port()
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})

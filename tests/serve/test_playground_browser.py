@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.conftest import wait_for
 from tests.serve.conftest import MODEL_NAME
 
 pytestmark = pytest.mark.timeout(120)
@@ -39,17 +40,6 @@ def chromium():
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,900"):
         options.add_argument(arg)
     return webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
-
-
-def wait_for(predicate, timeout_s: float, what: str, period_s: float = 0.02):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout_s} s")
-        time.sleep(period_s)
 
 
 def open_playground(driver, base_url: str) -> None:

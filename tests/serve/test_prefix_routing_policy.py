@@ -326,17 +326,18 @@ def test_stale_snapshots_are_ignored(stale):
 def test_the_ingress_sends_block_hashes_only_when_routing_reads_them():
     import asyncio
 
+    from actors.protocol import LoRARef
     from actors.streams import Streams
     from tests.serve.test_streams import FakeScheduler, FakeWorker, params, settle
 
-    async def admitted(hash_block_size, lora_id=None):
+    async def admitted(hash_block_size, lora=None):
         scheduler, worker = FakeScheduler(["w1"]), FakeWorker()
         seen = []
         admit = scheduler.admit.fn
         scheduler.admit.fn = lambda r: (seen.append(r), admit(r))[1]
         streams = Streams(scheduler, worker, max_model_len=512, hash_block_size=hash_block_size)
         tokens = prompt(1, 3)
-        start = asyncio.create_task(streams.start_all("r", [tokens], params(), 0, lora_id))
+        start = asyncio.create_task(streams.start_all("r", [tokens], params(), 0, lora))
         await settle()
         ((rid, _),) = worker.submitted
         worker.emit(rid, "x", finished=True)
@@ -345,5 +346,6 @@ def test_the_ingress_sends_block_hashes_only_when_routing_reads_them():
 
     hashes, tokens = asyncio.run(admitted(BS))
     assert hashes == prompt_hashes(tokens, BS) and len(hashes) == 3
-    assert asyncio.run(admitted(BS, lora_id="a1"))[0] == prompt_hashes(tokens, BS, "a1") != hashes
+    # An adapter's prompts hash under its load's uid, as the engine keys its cache.
+    assert asyncio.run(admitted(BS, LoRARef("a", "a#1", "/a")))[0] == prompt_hashes(tokens, BS, "a#1") != hashes
     assert asyncio.run(admitted(None))[0] == ()

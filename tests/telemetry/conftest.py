@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -27,17 +26,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
 PRICE_PER_GPU_HOUR = 3.6  # one (pretend) GPU-second costs $0.001
 MAX_QUEUED = 4
 INSTALL_HINT = "apt-get install -y --no-install-recommends prometheus"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def get(url: str, timeout: float = 10) -> bytes:

@@ -1,0 +1,174 @@
+"""The service's LoRA bookkeeping without Ray: the scheduler's registry and a worker's ``WorkerAdapters`` driving a
+real (tiny, CPU) engine through the races that hot-swapping creates. The HTTP side is tests/serve/test_lora_serving.py.
+"""
+
+import asyncio
+import random
+
+import pytest
+
+from actors.lora_registry import LoRARegistry, LoRASnapshot, WorkerAdapters
+from actors.protocol import LoRARef
+from engine import SamplingParams
+from engine.async_llm import AsyncLLM
+from engine.config import LoRAModuleConfig
+from engine.lora import LoRAError, UnknownLoRAError
+from tests.conftest import make_peft_adapter, run_to_completion
+
+pytest.importorskip("peft")
+
+NEW = 12
+PARAMS = SamplingParams(max_tokens=NEW, temperature=0, ignore_eos=True)
+
+
+# ---------------------------------------------------------------------- the registry (scheduler side)
+def test_registry_versions_uids_and_refusals():
+    reg = LoRARegistry([LoRAModuleConfig(name="boot", path="/a"), LoRAModuleConfig(name="folded", path="/m",
+                                                                                   merge=True)], {"base"})
+    assert reg.resolve("base") is None and reg.resolve("folded") is None  # the merged one is the base model now
+    assert reg.resolve("boot") == LoRARef("boot", "boot#0", "/a")  # the uid every worker's engine gave it
+    with pytest.raises(UnknownLoRAError, match="The model `nope` does not exist"):
+        reg.resolve("nope")
+    for taken in ("base", "folded", "boot"):
+        with pytest.raises(LoRAError, match="already been loaded"):
+            reg.propose(taken, "/x")
+
+    proposal = reg.propose("poetry", "/p")
+    assert proposal.version == 1 and proposal.adapters["poetry"].path == "/p"
+    with pytest.raises(UnknownLoRAError):  # not requestable before every worker has it
+        reg.resolve("poetry")
+    first = reg.commit()
+    assert reg.version == 1 and reg.resolve("poetry") == first
+
+    proposal = reg.propose("verse", "/bad")
+    back = reg.abandon()
+    assert back.version > proposal.version and "verse" not in back.adapters  # newer than what workers tried
+
+    gone = reg.remove("poetry")
+    assert "poetry" not in gone.adapters and gone.version > back.version
+    with pytest.raises(UnknownLoRAError, match="cannot be found"):
+        reg.remove("poetry")
+    with pytest.raises(LoRAError, match="merged"):
+        reg.remove("folded")
+    reg.propose("poetry", "/p")
+    again = reg.commit()
+    assert again.uid != first.uid  # a reload never shares prefix-cache keys with the old load
+
+
+# ---------------------------------------------------------------------- a worker's adapters, on a real engine
+@pytest.fixture(scope="module")
+def dirs(tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("hot-swap")
+    out = {name: make_peft_adapter(tiny_model_dir, root / name, 8, 16, ["c_attn", "c_fc"], seed)
+           for name, seed in (("poetry", 11), ("poetry-v2", 12), ("verse", 13))}
+    out["too-big"] = make_peft_adapter(tiny_model_dir, root / "too-big", 32, 32, ["c_attn"], 14)
+    return out
+
+
+@pytest.fixture(scope="module")
+def prompt():
+    return [random.Random(5).randrange(500) for _ in range(20)]
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_model_dir, dirs, prompt):
+    """Each adapter's greedy output on the prompt, from an engine that has only that adapter."""
+    from engine import LLMEngine
+    from tests.conftest import engine_config
+
+    out = {}
+    for name in ("poetry", "poetry-v2", "verse", None):
+        modules = [{"name": "a", "path": str(dirs[name])}] if name else []
+        engine = LLMEngine(engine_config(tiny_model_dir, enable_lora=True, max_lora_rank=16, lora_modules=modules))
+        engine.add_request("r", prompt, PARAMS, lora_name="a" if name else None)
+        out[name] = run_to_completion(engine)["r"].outputs[0].token_ids
+    assert len({tuple(v) for v in out.values()}) == 4, "adapters that change nothing test nothing"
+    return out
+
+
+async def _generate(llm: AsyncLLM, adapters: WorkerAdapters, ref: LoRARef | None, prompt, request_id: str,
+                    started: asyncio.Event | None = None) -> list[int]:
+    """What the worker's ``_run`` does: hold the load, generate with it, release it."""
+    name = await adapters.acquire(ref) if ref else None
+    tokens = []
+    try:
+        async for out in llm.generate(prompt, PARAMS, request_id=request_id, lora_name=name):
+            tokens += out.outputs[0].token_ids
+            if started is not None:
+                started.set()
+    finally:
+        if ref:
+            adapters.release(ref)
+    return tokens
+
+
+async def _engine_uids(llm: AsyncLLM) -> set[str]:
+    """The loads the engine still holds, after one more step (a step drops what ``remove_lora`` released)."""
+    async for _ in llm.generate([1, 2, 3], SamplingParams(max_tokens=1)):
+        pass
+    return set(llm.engine.runner.lora.adapters)
+
+
+def test_worker_follows_snapshots_and_reports_bad_adapters(make_engine, dirs):
+    llm = AsyncLLM(make_engine(enable_lora=True, max_loras=2, max_lora_rank=16))
+    adapters = WorkerAdapters(llm)
+    poetry, verse = LoRARef("poetry", "poetry#1", str(dirs["poetry"])), LoRARef("verse", "verse#2", str(dirs["verse"]))
+
+    async def scenario():
+        assert await adapters.sync(LoRASnapshot(1, {"poetry": poetry})) == {}
+        assert await _engine_uids(llm) == {"poetry#1"}
+        errors = await adapters.sync(LoRASnapshot(2, {"poetry": poetry, "big": LoRARef("big", "big#3", str(dirs["too-big"])),
+                                                      "gone": LoRARef("gone", "gone#4", "/no/such/dir")}))
+        assert errors["big"] == "adapter rank 32 exceeds max_lora_rank 16"
+        assert "does not exist" in errors["gone"]
+        await adapters.sync(LoRASnapshot(1, {"verse": verse}))  # older than what it has: ignored
+        assert await _engine_uids(llm) == {"poetry#1"} and adapters.version == 2
+        await adapters.sync(LoRASnapshot(4, {"verse": verse}))
+        assert await _engine_uids(llm) == {"verse#2"} and adapters.info() == {"lora_version": 4, "lora_held": ["verse#2"]}
+
+    asyncio.run(scenario())
+
+
+def test_unload_waits_for_the_requests_using_the_adapter(make_engine, dirs, prompt, expected):
+    """Unloaded mid-request: the request finishes with the adapter it named; then the engine lets it go."""
+    llm = AsyncLLM(make_engine(enable_lora=True, max_loras=2, max_lora_rank=16))
+    adapters = WorkerAdapters(llm)
+    poetry = LoRARef("poetry", "poetry#1", str(dirs["poetry"]))
+
+    async def scenario():
+        await adapters.sync(LoRASnapshot(1, {"poetry": poetry}))
+        started = asyncio.Event()
+        running = asyncio.create_task(_generate(llm, adapters, poetry, prompt, "running", started))
+        await started.wait()
+        await adapters.sync(LoRASnapshot(2, {}))  # unloaded while "running" holds it: kept for now
+        assert "poetry#1" in adapters.held
+        assert await running == expected["poetry"]
+        await adapters.sweep()
+        assert adapters.held == {}
+        assert await _engine_uids(llm) == set()
+
+    asyncio.run(scenario())
+
+
+def test_late_and_reloaded_requests_get_the_load_they_were_admitted_with(make_engine, dirs, prompt, expected):
+    """A request admitted before an unload but arriving after it, and two loads of one name side by side (the
+    old still serving while the new one starts): every request gets the weights its admission named."""
+    llm = AsyncLLM(make_engine(enable_lora=True, max_loras=2, max_lora_rank=16))
+    adapters = WorkerAdapters(llm)
+    old = LoRARef("poetry", "poetry#1", str(dirs["poetry"]))
+    new = LoRARef("poetry", "poetry#2", str(dirs["poetry-v2"]))
+
+    async def scenario():
+        await adapters.sync(LoRASnapshot(1, {"poetry": old}))
+        await adapters.sync(LoRASnapshot(2, {}))  # unloaded ...
+        late = await _generate(llm, adapters, old, prompt, "late")  # ... but this one was admitted before
+        assert late == expected["poetry"]
+        await adapters.sync(LoRASnapshot(3, {"poetry": new}))  # reloaded from another directory
+        both = await asyncio.gather(_generate(llm, adapters, old, prompt, "old"),
+                                    _generate(llm, adapters, new, prompt, "new"),
+                                    _generate(llm, adapters, None, prompt, "base"))
+        assert both == [expected["poetry"], expected["poetry-v2"], expected[None]]
+        await adapters.sweep()
+        assert set(adapters.held) == {"poetry#2"}
+
+    asyncio.run(scenario())
