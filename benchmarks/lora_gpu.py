@@ -23,6 +23,8 @@ Needs only torch + triton. On a GPU, for each of XL's four linear shapes (c_attn
      and its epilogue adds the delta), ``two_launch_lora`` (the shrink as a kernel of its own before the fused
      linear, whose epilogue adds its result), ``unfused_lora`` (the earlier path: separate LayerNorm / GELU / residual
      ops around apply_lora); each checked against the fp32 reference. ``overhead`` = fused_lora - plain: what an adapter adds per layer.
+  4. ``--section lora-configs`` (not in ``all``): the one-row decode layers with an in-kernel LoRA shrink under each
+     of ``LORA_CONFIG_CANDIDATES`` (``kernels.decode_linear.TUNED_LORA_CONFIGS`` is filled from its winners).
 Slot ids are random over the ``--slots`` adapters, interleaved, with ``--no-adapter-frac`` of the rows set to -1.
 x and y are the same tensors in every call of a graph (L2-warm, as after the base linear that just wrote y).
 Prints a markdown table; --out writes everything as JSON. Exit status 1 if a correctness check fails.
@@ -245,6 +247,47 @@ def bench_decode(name: str, k: int, n: int, t: int, rank: int, slots: int, dtype
     return rec
 
 
+# Launch configurations tried for the one-row LoRA layers (``--section lora-configs``), over each shape's plain
+# winner; None is the table's own entry.
+LORA_CONFIG_CANDIDATES = [None] + [dict(block_n=bn, block_k=bk, num_warps=4, prefetch=True)
+                                   for bn, bk in ((16, 256), (8, 256), (16, 512), (32, 128), (8, 512), (4, 512))]
+
+
+def run_lora_configs(args, dtype, device, report, dump) -> bool:
+    """Time every candidate for each decode layer at one row, plain and with an in-kernel LoRA shrink; print the
+    ``TUNED_LORA_CONFIGS`` entries that beat the table's current one."""
+    from kernels import decode_linear as dl
+
+    all_ok, rows = True, []
+    for name, (k, n) in layer_shapes(args.small).items():
+        key = (k, n, 1)
+        current = dl.TUNED_LORA_CONFIGS.get(key) or dl.TUNED_CONFIGS.get(key) or dl.FMA_CONFIG
+        for candidate in LORA_CONFIG_CANDIDATES:
+            saved = dict(dl.TUNED_LORA_CONFIGS)
+            dl.TUNED_LORA_CONFIGS[key] = {**current, **(candidate or {})}
+            try:
+                rec = bench_decode(name, k, n, 1, args.rank, args.slots, dtype, device, args.small)
+            finally:
+                dl.TUNED_LORA_CONFIGS.clear()
+                dl.TUNED_LORA_CONFIGS.update(saved)
+            rec["candidate"] = candidate
+            all_ok &= rec["ok"]
+            rows.append(rec)
+            report["lora_config_rows"] = rows
+            dump()
+            print(f"  {name:12} {candidate or 'current'}: plain {rec['plain_us']:.2f} us, fused LoRA "
+                  f"{rec['fused_lora_us']:.2f} us", flush=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    print("\nTUNED_LORA_CONFIGS winners (fused LoRA us per call at one row):")
+    for name, (k, n) in layer_shapes(args.small).items():
+        mine = [r for r in rows if r["layer"] == name]
+        best = min(mine, key=lambda r: r["fused_lora_us"])
+        print(f"  {(k, n, 1)}: {best['candidate'] or 'current'}  {best['fused_lora_us']:.2f} us "
+              f"(current {mine[0]['fused_lora_us']:.2f})")
+    return all_ok
+
+
 def run_decode(args, dtype, device, report, dump) -> bool:
     all_ok = True
     rows = []
@@ -281,8 +324,9 @@ def main() -> int:
     ap.add_argument("--no-adapter-frac", type=float, default=0.0, help="fraction of rows with slot -1")
     ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
     ap.add_argument("--small", action="store_true", help="tiny shapes (CPU smoke test under the interpreter)")
-    ap.add_argument("--section", default="all", choices=["all", "apply", "decode"],
-                    help="apply: apply_lora per layer (1, 2); decode: the fused decode layers (3)")
+    ap.add_argument("--section", default="all", choices=["all", "apply", "decode", "lora-configs"],
+                    help="apply: apply_lora per layer (1, 2); decode: the fused decode layers (3); lora-configs: "
+                         "(4)")
     ap.add_argument("--profile", action="store_true",
                     help="decode: also each variant's GPU time per kernel (torch.profiler), at T = 1 and 4")
     args = ap.parse_args()
@@ -309,6 +353,10 @@ def main() -> int:
     print(f"== {report['device']}, torch {torch.__version__}, triton {triton.__version__}, {args.dtype}, "
           f"rank {args.rank}, {args.slots} slots")
     all_ok = True
+    if args.section == "lora-configs":
+        all_ok = run_lora_configs(args, dtype, device, report, dump)
+        dump()
+        return 0 if all_ok else 1
     if args.section in ("all", "decode"):
         all_ok &= run_decode(args, dtype, device, report, dump)
         if args.section == "decode":

@@ -7,6 +7,7 @@ context. The metadata is built once per step by the model runner and passed expl
 
 from __future__ import annotations
 
+import bisect
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, fields, replace
 from typing import Callable
@@ -30,6 +31,34 @@ class AttentionMetadata:
     cascade: CascadeMetadata | None = None
     # Not attention, but per-token like the rest: each row's LoRA slot (-1: none); None when no row has an adapter.
     lora_slots: torch.Tensor | None = None
+
+    def split(self, parts: int, query_start_loc: list[int]) -> list[tuple[int, int, AttentionMetadata]]:
+        """The step as up to ``parts`` consecutive groups of whole sequences with about equal token counts (a
+        pipeline's micro-batches): ``(first token row, end row, the group's metadata)``. ``query_start_loc``: this
+        metadata's, on the host. Each group keeps the step's ``max_*`` lengths, which stay valid bounds; a cascade
+        plan spans the whole step, so a step that has one is not split."""
+        num_seqs, total = len(query_start_loc) - 1, query_start_loc[-1]
+        if parts <= 1 or num_seqs <= 1 or self.cascade is not None:
+            return [(0, total, self)]
+        bounds = [0]
+        for i in range(1, parts):
+            # The sequence start nearest to i / parts of the tokens, after the previous group's first sequence.
+            target = total * i / parts
+            j = bisect.bisect_left(query_start_loc, target, bounds[-1] + 1, num_seqs)
+            if j > bounds[-1] + 1 and target - query_start_loc[j - 1] < query_start_loc[j] - target:
+                j -= 1
+            if j >= num_seqs:
+                break
+            bounds.append(j)
+        bounds.append(num_seqs)
+        groups = []
+        for a, b in zip(bounds, bounds[1:]):
+            t0, t1 = query_start_loc[a], query_start_loc[b]
+            groups.append((t0, t1, replace(
+                self, slot_mapping=self.slot_mapping[t0:t1], query_start_loc=self.query_start_loc[a:b + 1] - t0,
+                seq_lens=self.seq_lens[a:b], block_tables=self.block_tables[a:b],
+                lora_slots=None if self.lora_slots is None else self.lora_slots[t0:t1])))
+        return groups
 
 
 # Shared groups one cascade step may have. The CUDA graphs of cascade steps are captured with room for this many

@@ -103,6 +103,9 @@ class EngineConfig(BaseModel):
     pipeline_parallel_size: int = Field(
         1, ge=1, description="Processes (GPUs) one model's blocks are split over, as consecutive stages "
         "(not together with tensor_parallel_size > 1 yet).")
+    pipeline_micro_batches: int = Field(
+        2, ge=1, description="Groups of sequences a pipeline-parallel step is cut into and passed down the stages "
+        "one after another, so that the stages work at once (1: the whole step at a time).")
 
     @model_validator(mode="after")
     def _check_lora(self) -> "EngineConfig":

@@ -75,6 +75,7 @@ class PipelineParallel:
     rank: int = 0
     size: int = 1
     group: Any = None
+    micro_batches: int = 1  # a step's groups of sequences in flight at once, so that the stages overlap
 
     @property
     def is_first(self) -> bool:
@@ -92,8 +93,10 @@ class PipelineParallel:
         dist.recv(x, src=self.rank - 1, group=self.group)
         return x
 
-    def send_activations(self, x: torch.Tensor) -> None:
-        dist.send(x.contiguous(), dst=self.rank + 1, group=self.group)
+    def send_activations(self, x: torch.Tensor) -> Any:
+        """Start sending ``x`` (contiguous) to the next stage and return at once, so that this stage goes on with
+        the next micro-batch; the caller keeps ``x`` until the returned work's ``wait()``."""
+        return dist.isend(x, dst=self.rank + 1, group=self.group)
 
     def share_output(self, x: torch.Tensor) -> torch.Tensor:
         """The last stage's ``x`` on every stage (others pass a tensor of the right shape to receive into)."""
@@ -140,8 +143,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_ranks(rank: int, tp_size: int, pp_size: int, init_method: str, device: torch.device) -> Ranks:
-    """Join the ranks' process groups (every rank calls this with the same ``init_method``)."""
+def init_ranks(rank: int, tp_size: int, pp_size: int, init_method: str, device: torch.device,
+               micro_batches: int = 1) -> Ranks:
+    """Join the ranks' process groups (every rank calls this with the same ``init_method``). ``micro_batches``:
+    of a pipeline-parallel step."""
     size = tp_size * pp_size
     assert tp_size == 1 or pp_size == 1, "tensor and pipeline parallelism together are not supported yet"
     # NVLink SHARP (multicast) stays off: the GPU hosts we measure on do not allow it (../shared device notes).
@@ -151,7 +156,7 @@ def init_ranks(rank: int, tp_size: int, pp_size: int, init_method: str, device: 
     group = dist.new_group(backend="nccl") if device.type == "cuda" else control
     return Ranks(rank, size, control,
                  TensorParallel(rank, tp_size, group) if tp_size > 1 else TensorParallel(),
-                 PipelineParallel(rank, pp_size, group) if pp_size > 1 else PipelineParallel())
+                 PipelineParallel(rank, pp_size, group, micro_batches) if pp_size > 1 else PipelineParallel())
 
 
 def _follower_main(config_json: str, rank: int, init_method: str) -> None:

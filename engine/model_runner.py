@@ -179,7 +179,7 @@ class ModelRunner:
             if self.device.type == "cuda":  # one GPU per rank: its own process's only one (Ray), or the rank-th
                 self.device = torch.device("cuda", rank % torch.cuda.device_count())
             self.ranks = init_ranks(rank, config.tensor_parallel_size, config.pipeline_parallel_size, init_method,
-                                    self.device)
+                                    self.device, config.pipeline_micro_batches)
         self.dtype = resolve_dtype(config, self.device)
         self.backend = get_attention_backend(config.attention_backend, self.device)
         self.model, self.hf_config = load_model(config, self.backend, self.device, self.dtype, self.ranks.tp, self.ranks.pp)

@@ -95,6 +95,15 @@ TUNED_CONFIGS: dict[tuple[int, int, int], dict] = {
     (6400, 1600, 16): {'path': 'batched', 'block_n': 32, 'block_k': 256, 'num_warps': 4, 'num_stages': 3, 'split': 5, 'split_mode': 'serial', 'w_evict': ''},
 }
 
+# The same layers at one row with an in-kernel LoRA shrink (``LoraDelta.lora_a``), where they differ: the epilogue
+# waits for the producers, so fewer, longer weight programs than the plain winners do better there. Sweep winners on
+# an H100 (python benchmarks/lora_gpu.py --section lora-configs, benchmarks/results/2026-11-24_lora-configs_H100.json).
+TUNED_LORA_CONFIGS: dict[tuple[int, int, int], dict] = {
+    (1600, 4800, 1): {**TUNED_CONFIGS[(1600, 4800, 1)], 'block_n': 16, 'block_k': 256, 'num_warps': 4, 'prefetch': True},
+    (1600, 1600, 1): {**TUNED_CONFIGS[(1600, 1600, 1)], 'block_n': 8, 'block_k': 512, 'num_warps': 4, 'prefetch': True},
+    (6400, 1600, 1): {**TUNED_CONFIGS[(6400, 1600, 1)], 'block_n': 4, 'block_k': 512, 'num_warps': 4, 'prefetch': True},
+}
+
 # Split-K heuristic: aim for this many programs per SM (memory-level parallelism) ...
 SPLIT_TARGET_PROGRAMS_PER_SM = {"dot": 2, "fma": 4, "batched": 2}
 # ... but give every split at least this many K columns (below that the partial round trip costs more) ...
@@ -858,12 +867,14 @@ def _auto_split(tiles: int, k: int, block_k: int, path: str, device: torch.devic
     return max(1, min(want, k // SPLIT_MIN_K, triton.cdiv(k, block_k), SPLIT_MAX))
 
 
-def resolve_config(m: int, n: int, k: int, device, config: dict | None = None) -> dict:
+def resolve_config(m: int, n: int, k: int, device, config: dict | None = None, lora_producers: bool = False) -> dict:
     """The launch configuration ``fused_linear`` uses for an [m, k] x [n, k]^T product (``config`` entries
-    override the defaults / tuned table), with ``split`` resolved to a number."""
+    override the defaults / tuned table), with ``split`` resolved to a number. ``lora_producers``: the launch has
+    in-kernel LoRA producers (``TUNED_LORA_CONFIGS`` first)."""
     device = torch.device(device)
     config = dict(config or {})
-    tuned = TUNED_CONFIGS.get((k, n, _m_bucket(m)))
+    key = (k, n, _m_bucket(m))
+    tuned = (TUNED_LORA_CONFIGS.get(key) if lora_producers else None) or TUNED_CONFIGS.get(key)
     if "path" in config or tuned is None:  # an explicit path starts from that path's defaults, not the table
         path = config.get("path") or ("fma" if m == 1 else "batched")
         base = _PATH_DEFAULTS[path]
@@ -1026,7 +1037,7 @@ def fused_linear(
     for t, name, size in ((bias, "bias", n), (ln_weight, "ln_weight", k), (ln_bias, "ln_bias", k)):
         assert t is None or (t.shape == (size,) and t.is_contiguous()), f"{name} must be contiguous [{size}]"
 
-    cfg = resolve_config(m, n, k, x.device, config)
+    cfg = resolve_config(m, n, k, x.device, config, lora_producers=lora is not None and lora.lora_a is not None)
     lora_args = _lora_args(lora, m, n, k, ln_eps if ln_weight is not None else None, out2)
     if lora_args["LORA_NP"]:
         if not _lora_counters(lora_args, x.device):

@@ -116,19 +116,36 @@ class GPT2LMHeadModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 meta: AttentionMetadata) -> torch.Tensor:
         """Hidden states after the final LayerNorm, one row per token of the flat batch."""
-        if self.pp.is_first:
-            x = self.wte(input_ids) + self.wpe(positions)
-        else:  # the previous stage's output
-            x = self.pp.recv_activations(input_ids.new_empty((len(input_ids), self.wte.weight.shape[1]),
-                                                             dtype=self.wte.weight.dtype))
-        for layer, kv_cache in zip(self.h, kv_caches):
-            x = layer(x, kv_cache, meta)
         if self.pp.size == 1:
+            x = self.wte(input_ids) + self.wpe(positions)
+            for layer, kv_cache in zip(self.h, kv_caches):
+                x = layer(x, kv_cache, meta)
             return self.ln_f(x)
-        if not self.pp.is_last:
-            self.pp.send_activations(x)
-            return self.pp.share_output(torch.empty_like(x))
-        return self.pp.share_output(self.ln_f(x))
+        # Pipeline stage: the step's sequences go through in micro-batches, each sent on as soon as this stage is
+        # done with it, so that the next stage works on one while this one works on the next.
+        hidden = self.wte.weight.shape[1]
+        micro_batches = [(0, len(input_ids), meta)]
+        if self.pp.micro_batches > 1:
+            # The split needs the row offsets on the host: a small copy (pipeline steps run eagerly anyway).
+            micro_batches = meta.split(self.pp.micro_batches, meta.query_start_loc.tolist())
+        outputs, sending = [], []
+        for t0, t1, part in micro_batches:
+            if self.pp.is_first:
+                x = self.wte(input_ids[t0:t1]) + self.wpe(positions[t0:t1])
+            else:  # the previous stage's output
+                x = self.pp.recv_activations(self.wte.weight.new_empty((t1 - t0, hidden)))
+            for layer, kv_cache in zip(self.h, kv_caches):
+                x = layer(x, kv_cache, part)
+            if self.pp.is_last:
+                outputs.append(x)
+            else:
+                x = x.contiguous()
+                sending.append((self.pp.send_activations(x), x))
+        for work, _ in sending:
+            work.wait()
+        if self.pp.is_last:
+            return self.pp.share_output(self.ln_f(torch.cat(outputs) if len(outputs) > 1 else outputs[0]))
+        return self.pp.share_output(self.wte.weight.new_empty((len(input_ids), hidden)))
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.wte.weight)  # the LM head is tied to the token embedding
