@@ -59,7 +59,7 @@ def worker_options(cfg: ServiceConfig) -> dict[str, Any]:
     tensor/pipeline-parallel engine gets a placement group of one bundle per rank, each with the replica's own
     CPUs and GPUs (engine/distributed.py starts the other ranks in them)."""
     opts = cfg.worker.serve_options()
-    ranks = cfg.engine.tensor_parallel_size * cfg.engine.pipeline_parallel_size
+    ranks = cfg.engine.num_ranks
     if ranks > 1 and "placement_group_bundles" not in opts:
         actor = cfg.worker.ray_actor_options
         bundle = {"CPU": float(actor.get("num_cpus", 1))}

@@ -91,10 +91,14 @@ class ModelWorker:
         self._lora_task: asyncio.Task | None = None
         self._heartbeat_task = asyncio.get_running_loop().create_task(self._heartbeat_loop())
 
+    def _require_pinned(self, call: str, replica: str | None) -> None:
+        """Fail a pinned call that reached another replica than the one it names (its state lives there)."""
+        if replica is not None and replica != self.replica_id:
+            raise RuntimeError(f"{call} for replica {replica} reached {self.replica_id}")
+
     # ------------------------------------------------------------------ streaming
     async def channel(self, channel_id: str, replica: str | None = None) -> AsyncIterator[Batch]:
-        if replica is not None and replica != self.replica_id:
-            raise RuntimeError(f"channel for replica {replica} reached {self.replica_id}")
+        self._require_pinned("channel", replica)
         box = self.outboxes[channel_id] = Outbox()
         try:
             yield []  # the channel exists: submits naming it may follow
@@ -178,8 +182,7 @@ class ModelWorker:
     # ------------------------------------------------------------------ LoRA adapters
     async def sync_loras(self, snapshot: LoRASnapshot, replica: str | None = None) -> dict[str, str]:
         """Hold the adapters ``snapshot`` names (call pinned); {name: why not} for those that failed to load."""
-        if replica is not None and replica != self.replica_id:
-            raise RuntimeError(f"sync_loras for replica {replica} reached {self.replica_id}")
+        self._require_pinned("sync_loras", replica)
         return await self.adapters.sync(snapshot)
 
     def _lora_housekeeping(self, snapshot: LoRASnapshot | None) -> None:

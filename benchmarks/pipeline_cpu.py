@@ -30,34 +30,27 @@ from typing import Any  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.offline import git_commit, log, write_results  # noqa: E402
-from engine import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
+from engine import LLM, EngineConfig, SamplingParams  # noqa: E402
 from engine.tiny_model import build_tiny_checkpoint  # noqa: E402
 
 
 def run(model_dir: Path, prompts: list[list[int]], new: int, **parallel) -> tuple[dict[str, Any], list[list[int]]]:
-    engine = LLMEngine(EngineConfig(model=str(model_dir), device="cpu", dtype="float32", num_gpu_blocks=1024,
-                                    block_size=16, max_num_seqs=len(prompts), max_num_batched_tokens=2048,
-                                    **parallel))
+    llm = LLM(EngineConfig(model=str(model_dir), device="cpu", dtype="float32", num_gpu_blocks=1024, block_size=16,
+                           max_num_seqs=len(prompts), max_num_batched_tokens=2048, **parallel))
+    engine = llm.engine
     try:
-        params = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True)
-        for i, p in enumerate(prompts[:2]):  # warm-up
-            engine.add_request(f"warm{i}", p, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
-        while engine.has_unfinished():
-            engine.step()
+        llm.generate(prompt_token_ids=prompts[:2], sampling_params=SamplingParams(max_tokens=4, temperature=0,
+                                                                                  ignore_eos=True))  # warm-up
+        steps_before = engine.runner.timing["steps"]
         start = time.perf_counter()
-        for i, p in enumerate(prompts):
-            engine.add_request(f"r{i}", p, params)
-        outputs, steps = {}, 0
-        while engine.has_unfinished():
-            steps += 1
-            for out in engine.step():
-                if out.finished:
-                    outputs[out.request_id] = out.outputs[0].token_ids
+        outputs = llm.generate(prompt_token_ids=prompts,
+                               sampling_params=SamplingParams(max_tokens=new, temperature=0, ignore_eos=True))
         wall = time.perf_counter() - start
+        steps = engine.runner.timing["steps"] - steps_before
         assert engine.kv.all_free(), engine.stats()
     finally:
         engine.shutdown()
-    tokens = [outputs[f"r{i}"] for i in range(len(prompts))]
+    tokens = [out.outputs[0].token_ids for out in outputs]
     return {"wall_s": round(wall, 3), "steps": steps, "out_tok_s": round(len(prompts) * new / wall, 1)}, tokens
 
 

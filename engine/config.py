@@ -124,6 +124,11 @@ class EngineConfig(BaseModel):
                     raise ValueError(f"tensor or pipeline parallelism with {what} is not supported yet")
         return self
 
+    @property
+    def num_ranks(self) -> int:
+        """Processes (GPUs) one model runs on (engine/distributed.py)."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> "EngineConfig":
         """Read a plain engine YAML or a Ray Serve config whose first application's args hold ``engine:``."""

@@ -11,9 +11,9 @@ Two process groups: ``group`` carries tensors (NCCL on GPUs, gloo on CPUs), ``co
 messages (always gloo: object broadcasts go through host memory).
 
 Pipeline parallelism splits the blocks into consecutive stages instead (unevenly where they do not divide); each
-rank holds its stages' KV pool. A step's activations go from stage to stage, and the last stage's output comes
-back to all of them. Every step still runs the stages one after another: micro-batches that would keep every
-stage busy at once are not implemented yet.
+rank holds its stages' KV pool. A step's activations go from stage to stage in micro-batches (groups of whole
+sequences, each sent on as soon as a stage is done with it, so that the stages work at once), and the last stage's
+output comes back to all of them.
 
 Splits (GPT-2): attention heads and MLP columns are split as evenly as possible, the first ``n % size`` ranks taking
 one more (GPT-2 XL's 25 heads over 2 ranks: 13 and 12), so a head count that does not divide is split unevenly
@@ -88,10 +88,10 @@ class PipelineParallel:
     def layers(self, num_layers: int) -> range:
         return shard_range(num_layers, self.size, self.rank)
 
-    def recv_activations(self, like: torch.Tensor) -> torch.Tensor:
-        x = torch.empty_like(like)
-        dist.recv(x, src=self.rank - 1, group=self.group)
-        return x
+    def recv_activations(self, out: torch.Tensor) -> torch.Tensor:
+        """The previous stage's activations, received into ``out`` (returned)."""
+        dist.recv(out, src=self.rank - 1, group=self.group)
+        return out
 
     def send_activations(self, x: torch.Tensor) -> Any:
         """Start sending ``x`` (contiguous) to the next stage and return at once, so that this stage goes on with
@@ -137,7 +137,8 @@ class Ranks:
         return box[0]
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (the ranks' rendezvous; tests' servers)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -178,7 +179,7 @@ def launch_followers(config, size: int) -> tuple[str, Callable[[], None]]:
     rank r is a Ray task in bundle r, holding that bundle's CPUs and GPU. Elsewhere the followers are processes
     spawned here, so a script that builds a parallel engine needs the usual ``if __name__ == "__main__":`` guard.
     Either way all ranks are on this host (the rendezvous is on 127.0.0.1; Serve's bundles are packed on a node)."""
-    init_method = f"tcp://127.0.0.1:{_free_port()}"
+    init_method = f"tcp://127.0.0.1:{free_port()}"
     config_json = config.model_dump_json()
     group = _current_placement_group()
     if group is not None:

@@ -193,7 +193,7 @@ class LLMEngine:
         return outputs
 
     def shutdown(self) -> None:
-        """Release what outlives the engine object: the follower processes of a tensor-parallel model."""
+        """Release what outlives the engine object: the follower ranks of a tensor- or pipeline-parallel model."""
         self.runner.shutdown()
 
     def stats(self) -> dict[str, float | int]:

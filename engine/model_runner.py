@@ -172,7 +172,7 @@ class ModelRunner:
         self.config = config
         self.device = resolve_device(config)
         self.ranks, self._join_followers = Ranks(), None
-        size = config.tensor_parallel_size * config.pipeline_parallel_size
+        size = config.num_ranks
         if size > 1:
             if init_method is None:  # the driver: start the other ranks, then meet them
                 init_method, self._join_followers = launch_followers(config, size)
@@ -574,7 +574,7 @@ class ModelRunner:
         torch.distributed.destroy_process_group()
 
     def shutdown(self) -> None:
-        """Stop the follower ranks (the driver's; a no-op without tensor parallelism, and after the first call)."""
+        """Stop the follower ranks (the driver's; a no-op with one rank, and after the first call)."""
         if self.ranks.size > 1 and self.ranks.is_driver and self._join_followers is not None:
             self.ranks.broadcast(("stop", None))
             self._join_followers()

@@ -1,5 +1,4 @@
 import os
-import socket
 import time
 
 import torch
@@ -11,6 +10,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from engine import EngineConfig, LLMEngine  # noqa: E402
+from engine.distributed import free_port  # noqa: E402,F401  (the servers tests start listen on it)
 from engine.tiny_model import build_tiny_checkpoint  # noqa: E402
 
 
@@ -47,12 +47,6 @@ def make_engine(tiny_model_dir):
     for engine in engines:
         engine.kv.check_invariants()
         assert engine.kv.all_free(), f"KV blocks leaked: {engine.stats()}"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(predicate, timeout_s: float, what: str, period_s: float = 0.1):

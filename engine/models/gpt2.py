@@ -117,10 +117,7 @@ class GPT2LMHeadModel(nn.Module):
                 meta: AttentionMetadata) -> torch.Tensor:
         """Hidden states after the final LayerNorm, one row per token of the flat batch."""
         if self.pp.size == 1:
-            x = self.wte(input_ids) + self.wpe(positions)
-            for layer, kv_cache in zip(self.h, kv_caches):
-                x = layer(x, kv_cache, meta)
-            return self.ln_f(x)
+            return self.ln_f(self._blocks(self.wte(input_ids) + self.wpe(positions), kv_caches, meta))
         # Pipeline stage: the step's sequences go through in micro-batches, each sent on as soon as this stage is
         # done with it, so that the next stage works on one while this one works on the next.
         hidden = self.wte.weight.shape[1]
@@ -134,8 +131,7 @@ class GPT2LMHeadModel(nn.Module):
                 x = self.wte(input_ids[t0:t1]) + self.wpe(positions[t0:t1])
             else:  # the previous stage's output
                 x = self.pp.recv_activations(self.wte.weight.new_empty((t1 - t0, hidden)))
-            for layer, kv_cache in zip(self.h, kv_caches):
-                x = layer(x, kv_cache, part)
+            x = self._blocks(x, kv_caches, part)
             if self.pp.is_last:
                 outputs.append(x)
             else:
@@ -146,6 +142,11 @@ class GPT2LMHeadModel(nn.Module):
         if self.pp.is_last:
             return self.pp.share_output(self.ln_f(torch.cat(outputs) if len(outputs) > 1 else outputs[0]))
         return self.pp.share_output(self.wte.weight.new_empty((len(input_ids), hidden)))
+
+    def _blocks(self, x: torch.Tensor, kv_caches: list[torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
+        for layer, kv_cache in zip(self.h, kv_caches):
+            x = layer(x, kv_cache, meta)
+        return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.wte.weight)  # the LM head is tied to the token embedding
