@@ -8,7 +8,7 @@ The application ``args`` are a ``actors.settings.ServiceConfig``: ``engine:`` (a
 service around it. Offline runs override the weights without editing the file:
 
     GPT2SERVE_LOAD_FORMAT=dummy serve run configs/gpt2xl.yaml
-    serve run serve_app:build_app config=configs/gpt2xl.yaml load_format=dummy
+    serve run gpt2serve.serve_app:build_app config=configs/gpt2xl.yaml load_format=dummy
 
 (``serve run`` ignores ``key=value`` arguments after a config file, hence the second form.)
 """
@@ -21,12 +21,12 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
-from actors.autoscaling import POLICY_PATH
-from actors.ingress import Ingress
-from actors.replica_router import PinnedReplicaRouter
-from actors.scheduler import Scheduler
-from actors.settings import ServiceConfig
-from actors.worker import ModelWorker
+from gpt2serve.actors.autoscaling import POLICY_PATH
+from gpt2serve.actors.ingress import Ingress
+from gpt2serve.actors.replica_router import PinnedReplicaRouter
+from gpt2serve.actors.scheduler import Scheduler
+from gpt2serve.actors.settings import ServiceConfig
+from gpt2serve.actors.worker import ModelWorker
 
 
 WORKER = "ModelWorker"

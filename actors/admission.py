@@ -24,10 +24,10 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from actors.prefix_index import PrefixIndex
-from actors.protocol import QueuedRequest
-from actors.routing import RoutingPolicy
-from policies.scheduling import SchedulingPolicy
+from gpt2serve.actors.prefix_index import PrefixIndex
+from gpt2serve.actors.protocol import QueuedRequest
+from gpt2serve.actors.routing import RoutingPolicy
+from gpt2serve.policies.scheduling import SchedulingPolicy
 
 Placement = tuple[QueuedRequest, str]  # (request, worker id)
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from actors.worker import AUTOSCALING_METRIC
+from gpt2serve.actors.worker import AUTOSCALING_METRIC
 
-POLICY_PATH = "actors.autoscaling:engine_load_policy"
+POLICY_PATH = "gpt2serve.actors.autoscaling:engine_load_policy"
 
 
 def desired_replicas(loads: list[float], target_per_replica: float) -> float:

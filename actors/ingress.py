@@ -31,17 +31,17 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from pydantic import BaseModel, ValidationError
 from ray import serve
 
-from actors import openai_api as oa
-from actors.metrics import SnapshotCollector
-from actors.protocol import LoRARef
-from actors.routing import ROUTING_POLICIES
-from actors.settings import ServiceConfig
-from actors.streams import Job, Streams, detached
-from engine.errors import InvalidRequestError
-from engine.loader import load_hf_config
-from engine.metrics import WORKER_METRICS, merge_families
-from engine.sampling_params import SamplingParams
-from engine.tokenizer import load_tokenizer
+from gpt2serve.actors import openai_api as oa
+from gpt2serve.actors.metrics import SnapshotCollector
+from gpt2serve.actors.protocol import LoRARef
+from gpt2serve.actors.routing import ROUTING_POLICIES
+from gpt2serve.actors.settings import ServiceConfig
+from gpt2serve.actors.streams import Job, Streams, detached
+from gpt2serve.engine.errors import InvalidRequestError
+from gpt2serve.engine.loader import load_hf_config
+from gpt2serve.engine.metrics import WORKER_METRICS, merge_families
+from gpt2serve.engine.sampling_params import SamplingParams
+from gpt2serve.engine.tokenizer import load_tokenizer
 
 log = logging.getLogger("ray.serve")
 

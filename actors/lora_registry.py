@@ -26,10 +26,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from actors.protocol import LoRARef
-from engine.async_llm import AsyncLLM
-from engine.config import LoRAModuleConfig
-from engine.lora import LoRAError, UnknownLoRAError, startup_uid
+from gpt2serve.actors.protocol import LoRARef
+from gpt2serve.engine.async_llm import AsyncLLM
+from gpt2serve.engine.config import LoRAModuleConfig
+from gpt2serve.engine.lora import LoRAError, UnknownLoRAError, startup_uid
 
 log = logging.getLogger("ray.serve")
 

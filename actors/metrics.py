@@ -14,8 +14,8 @@ from typing import Any, Iterator
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from actors.routing import REASONS
-from engine.metrics import PREFIX, PREFIX_CACHE_COUNTERS, SCHEDULER_METRICS
+from gpt2serve.actors.routing import REASONS
+from gpt2serve.engine.metrics import PREFIX, PREFIX_CACHE_COUNTERS, SCHEDULER_METRICS
 
 # engine stat -> (metric name, help)
 ENGINE_GAUGES = {

@@ -13,8 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
-from actors.protocol import SeqDelta, TokenLogprob
-from engine.sampling_params import SamplingParams
+from gpt2serve.actors.protocol import SeqDelta, TokenLogprob
+from gpt2serve.engine.sampling_params import SamplingParams
 
 ERROR_TYPES = {400: "BadRequestError", 404: "NotFoundError", 429: "RateLimitError", 500: "InternalServerError",
                503: "ServiceUnavailableError"}
@@ -64,7 +64,7 @@ class _SamplingFields(BaseModel):
     def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         """Raises engine.errors.InvalidRequestError naming the bad field."""
         if self.logit_bias:
-            from engine.errors import InvalidRequestError
+            from gpt2serve.engine.errors import InvalidRequestError
 
             raise InvalidRequestError("logit_bias is not supported", "logit_bias")
         return SamplingParams(

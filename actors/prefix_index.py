@@ -23,7 +23,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
-from engine.prefix_cache import block_hashes
+from gpt2serve.engine.prefix_cache import block_hashes
 
 CacheEvent = tuple[int, bool]  # (block hash, True: cached / False: evicted)
 

@@ -14,8 +14,8 @@ import time
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from engine.outputs import RequestOutput
-from engine.sampling_params import SamplingParams
+from gpt2serve.engine.outputs import RequestOutput
+from gpt2serve.engine.sampling_params import SamplingParams
 
 _arrival_counter = itertools.count()
 

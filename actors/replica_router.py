@@ -21,7 +21,7 @@ from typing import List, Optional
 
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
-from actors import replica_events
+from gpt2serve.actors import replica_events
 
 PIN_KWARG = "replica"
 

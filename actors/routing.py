@@ -15,11 +15,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Sequence
 
-from policies.registry import Registry
+from gpt2serve.policies.registry import Registry
 
 if TYPE_CHECKING:
-    from actors.admission import WorkerState
-    from actors.protocol import QueuedRequest
+    from gpt2serve.actors.admission import WorkerState
+    from gpt2serve.actors.protocol import QueuedRequest
 
 ROUTING_POLICIES: Registry["RoutingPolicy"] = Registry("routing")
 REASONS = ("prefix_match", "load_fallback", "load")

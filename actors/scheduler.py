@@ -25,17 +25,17 @@ from typing import Any
 
 from ray import serve
 
-from actors.admission import Dispatcher, Placement, QueueFullError, RequestTooLargeError
-from actors.lora_registry import LoRARegistry, LoRASnapshot
-from actors.metrics import REJECTIONS, SCHEDULER_REPLICA
-from actors.protocol import Admission, QueuedRequest
-from actors.replica_events import watch_replicas
-from actors.routing import ROUTING_POLICIES
-from actors.settings import ServiceConfig
-from actors.streams import detached
-from engine.lora import LoRAError, UnknownLoRAError
-from engine.metrics import SCHEDULER_METRICS, RayBackend
-from policies import SCHEDULING_POLICIES
+from gpt2serve.actors.admission import Dispatcher, Placement, QueueFullError, RequestTooLargeError
+from gpt2serve.actors.lora_registry import LoRARegistry, LoRASnapshot
+from gpt2serve.actors.metrics import REJECTIONS, SCHEDULER_REPLICA
+from gpt2serve.actors.protocol import Admission, QueuedRequest
+from gpt2serve.actors.replica_events import watch_replicas
+from gpt2serve.actors.routing import ROUTING_POLICIES
+from gpt2serve.actors.settings import ServiceConfig
+from gpt2serve.actors.streams import detached
+from gpt2serve.engine.lora import LoRAError, UnknownLoRAError
+from gpt2serve.engine.metrics import SCHEDULER_METRICS, RayBackend
+from gpt2serve.policies.scheduling import SCHEDULING_POLICIES
 
 log = logging.getLogger("ray.serve")
 

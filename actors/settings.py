@@ -2,8 +2,8 @@
 
 ``args.engine`` is an ``EngineConfig``; the rest is the service around it. Overrides apply in this order,
 later winning: the YAML, then ``GPT2SERVE_<ENGINE FIELD>`` environment variables (``GPT2SERVE_LOAD_FORMAT=dummy``),
-then flat ``key=value`` arguments (``serve run serve_app:build_app config=configs/gpt2xl.yaml load_format=dummy``)
-naming either an engine field or a service field.
+then flat ``key=value`` arguments naming either an engine field or a service field
+(``serve run gpt2serve.serve_app:build_app config=configs/gpt2xl.yaml load_format=dummy``).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from typing import Any, Mapping
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from engine.config import EngineConfig
-from engine.metrics import CostConfig
+from gpt2serve.engine.config import EngineConfig
+from gpt2serve.engine.metrics import CostConfig
 
 ENV_PREFIX = "GPT2SERVE_"
 # Serve's own cap on concurrent calls per replica (default 5) would throttle an engine that batches by itself;
@@ -120,7 +120,7 @@ class ServiceConfig(BaseModel):
         args = dict(args or {})
         env = os.environ if env is None else env
         base: dict[str, Any] = {}
-        if "config" in args:  # serve run serve_app:build_app config=configs/x.yaml ...
+        if "config" in args:  # serve run gpt2serve.serve_app:build_app config=configs/x.yaml ...
             data = yaml.safe_load(Path(args.pop("config")).read_text()) or {}
             base = data["applications"][0].get("args", {}) if "applications" in data else data
         nested = {k: v for k, v in args.items() if isinstance(v, Mapping)}

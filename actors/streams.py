@@ -29,10 +29,10 @@ from typing import AsyncIterator
 from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import ReplicaUnavailableError
 
-from actors.openai_api import APIError
-from actors.prefix_index import prompt_hashes
-from actors.protocol import Admission, LoRARef, QueuedRequest, Refusal, StepItem, WorkerError, WorkRequest
-from engine.sampling_params import SamplingParams
+from gpt2serve.actors.openai_api import APIError
+from gpt2serve.actors.prefix_index import prompt_hashes
+from gpt2serve.actors.protocol import Admission, LoRARef, QueuedRequest, Refusal, StepItem, WorkerError, WorkRequest
+from gpt2serve.engine.sampling_params import SamplingParams
 
 log = logging.getLogger("ray.serve")
 WORKER_LOST = (RayActorError, ActorUnavailableError, ReplicaUnavailableError)

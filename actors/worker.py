@@ -39,15 +39,15 @@ from typing import Any, AsyncIterator
 
 from ray import serve
 
-from actors.lora_registry import LoRASnapshot, WorkerAdapters
-from actors.prefix_index import CacheReport
-from actors.protocol import Refusal, StepItem, WorkerError, WorkRequest, pack_output
-from engine.async_llm import AsyncLLM
-from engine.config import EngineConfig
-from engine.errors import InvalidRequestError
-from engine.lora import LoRAError
-from engine.metrics import (CostConfig, FanoutBackend, PrometheusBackend, RayBackend, ServingMetrics,
-                            gpu_memory_used_bytes, observe_steps)
+from gpt2serve.actors.lora_registry import LoRASnapshot, WorkerAdapters
+from gpt2serve.actors.prefix_index import CacheReport
+from gpt2serve.actors.protocol import Refusal, StepItem, WorkerError, WorkRequest, pack_output
+from gpt2serve.engine.async_llm import AsyncLLM
+from gpt2serve.engine.config import EngineConfig
+from gpt2serve.engine.errors import InvalidRequestError
+from gpt2serve.engine.lora import LoRAError
+from gpt2serve.engine.metrics import (CostConfig, FanoutBackend, PrometheusBackend, RayBackend, ServingMetrics,
+                                      gpu_memory_used_bytes, observe_steps)
 
 log = logging.getLogger("ray.serve")
 AUTOSCALING_METRIC = "engine_load"

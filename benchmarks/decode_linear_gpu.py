@@ -38,9 +38,6 @@ import statistics
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
 import torch  # noqa: E402
 
 if not torch.cuda.is_available():
@@ -50,7 +47,7 @@ import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 import triton.testing  # noqa: E402
 
-from kernels import decode_linear as dl  # noqa: E402
+from gpt2serve.kernels import decode_linear as dl  # noqa: E402
 
 PEAK_BYTES_PER_S = 3.0e12  # H100 SXM, measured copy bandwidth
 L2_DEFEAT_BYTES = 200e6  # weight copies per timed graph: ~4x the H100's 50 MB L2

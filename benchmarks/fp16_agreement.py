@@ -2,7 +2,7 @@
 
 fp16 rounding differs between two correct implementations (different summation orders), so greedy output
 can legitimately diverge once two logits are within rounding of each other; this measures how often.
-Usage: python -m benchmarks.fp16_agreement --out results.json   (needs a GPU; builds its own tiny model)
+Usage: python -m gpt2serve.benchmarks.fp16_agreement --out results.json   (needs a GPU; builds its own tiny model)
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import json
 import random
 import tempfile
 
-from engine import LLM, EngineConfig, SamplingParams
-from engine.tiny_model import build_tiny_checkpoint
+from gpt2serve import LLM, EngineConfig, SamplingParams
+from gpt2serve.engine.tiny_model import build_tiny_checkpoint
 
 
 def main() -> None:

@@ -8,20 +8,20 @@ set -uo pipefail
 phase=$1 commit=${2:-unknown}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
-bash .gpubundle/install.sh .gpubundle > "$OUT/install.log" 2>&1 || { echo "bundle install failed"; tail "$OUT/install.log"; exit 1; }
-export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1
+source scripts/gpu_install.sh .gpubundle > "$OUT/install.log" 2>&1 || { echo "bundle install failed"; tail "$OUT/install.log"; exit 1; }
+export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 case $phase in
 check)
   timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_engine.py tests/kernels 2>&1 | tail -15 | tee "$OUT/gpu_tests.log"
   timeout 150 python3 benchmarks/kernels_gpu.py --no-sweep --out "$OUT/kernels.json" 2>&1 | tail -30
-  timeout 90 python3 -m benchmarks.fp16_agreement --out "$OUT/fp16_agreement.json" 2>&1 | tail -5
-  timeout 150 python3 -m benchmarks.offline --workloads W1,W3 --model gpt2-xl --load-format dummy --dtype float16 \
+  timeout 90 python3 -m gpt2serve.benchmarks.fp16_agreement --out "$OUT/fp16_agreement.json" 2>&1 | tail -5
+  timeout 150 python3 -m gpt2serve.benchmarks.offline --workloads W1,W3 --model gpt2-xl --load-format dummy --dtype float16 \
     --device cuda --attention-backend torch --enforce-eager --commit "$commit" \
     --out "$OUT/offline_torch-eager.json" 2>&1 | tail -12
   ;;
 offline)
-  python3 -m benchmarks.offline --workloads W1,W2,W3 --model gpt2-xl --load-format dummy --dtype float16 \
+  python3 -m gpt2serve.benchmarks.offline --workloads W1,W2,W3 --model gpt2-xl --load-format dummy --dtype float16 \
     --device cuda --baselines hf-generate,hf-generate_batch,hf-generate-static --baseline-scale 0.25 \
     --baseline-scale W2=0.125 --hf-generate-w3-runs 1 --deadline-s 500 --commit "$commit" \
     --out "$OUT/offline_W1-W3.json" 2>&1 | tee "$OUT/offline_log.txt" | tail -25
@@ -32,8 +32,8 @@ prefix)
   timeout 150 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_cascade_attention.py tests/test_cascade_runner.py \
     tests/test_gpu_engine.py 2>&1 | tail -8 | tee "$OUT/gpu_tests_prefix.log"
   timeout 120 python3 benchmarks/kernels_gpu.py --no-sweep --out "$OUT/kernels.json" 2>&1 | grep -E "cascade|FAIL" | head -20
-  timeout 60 python3 -m benchmarks.host_overhead --out "$OUT/host_overhead.json" 2>&1 | tail -1
-  python3 -m benchmarks.offline --workloads W5 --model gpt2-xl --load-format dummy --dtype float16 --device cuda \
+  timeout 60 python3 -m gpt2serve.benchmarks.host_overhead --out "$OUT/host_overhead.json" 2>&1 | tail -1
+  python3 -m gpt2serve.benchmarks.offline --workloads W5 --model gpt2-xl --load-format dummy --dtype float16 --device cuda \
     --engine-arg max_num_seqs=512 --engine-arg max_num_batched_tokens=16384 --baselines hf-generate \
     --baseline-scale 0.25 --commit "$commit" --out "$OUT/offline_W5.json" 2>&1 | tee "$OUT/offline_W5_log.txt" | tail -8
   ;;

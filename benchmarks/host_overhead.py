@@ -1,6 +1,6 @@
 """The engine's host (CPU) time per decode step, with the model replaced by a stub: schedule, prepare, update.
 
-    python -m benchmarks.host_overhead [--seqs 512] [--steps 60] [--profile]
+    python -m gpt2serve.benchmarks.host_overhead [--seqs 512] [--steps 60] [--profile]
 
 A decode step at large batch is bounded below by this Python work unless it overlaps the GPU's; it is measured
 apart from the model so that it can be tracked on any machine (the tiny checkpoint, CPU, a stub forward that
@@ -42,8 +42,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
 
-    from engine import EngineConfig, LLMEngine, SamplingParams
-    from engine.tiny_model import build_tiny_checkpoint
+    from gpt2serve import EngineConfig, LLMEngine, SamplingParams
+    from gpt2serve.engine.tiny_model import build_tiny_checkpoint
 
     model_dir = build_tiny_checkpoint(tempfile.mkdtemp() + "/tiny")
     engine = LLMEngine(EngineConfig(model=str(model_dir), device="cpu", dtype="float32", num_gpu_blocks=20000,

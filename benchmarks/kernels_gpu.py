@@ -25,9 +25,6 @@ import os
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
 import torch  # noqa: E402
 
 if not torch.cuda.is_available():
@@ -37,11 +34,11 @@ import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 import triton.testing  # noqa: E402
 
-from kernels import cascade_attention as ca  # noqa: E402
-from kernels import paged_attention as pa  # noqa: E402
-from kernels.attention_ref import paged_attention_ref, write_kv_ref  # noqa: E402
-from kernels.fused import add_layernorm, add_layernorm_ref, bias_gelu, bias_gelu_ref  # noqa: E402
-from kernels.kv_write import write_kv  # noqa: E402
+from gpt2serve.kernels import cascade_attention as ca  # noqa: E402
+from gpt2serve.kernels import paged_attention as pa  # noqa: E402
+from gpt2serve.kernels.attention_ref import paged_attention_ref, write_kv_ref  # noqa: E402
+from gpt2serve.kernels.fused import add_layernorm, add_layernorm_ref, bias_gelu, bias_gelu_ref  # noqa: E402
+from gpt2serve.kernels.kv_write import write_kv  # noqa: E402
 
 PEAK_BYTES_PER_S = 3.0e12  # H100 SXM HBM3, nominal
 TOLERANCE = {torch.float16: 5e-3, torch.bfloat16: 3e-2}

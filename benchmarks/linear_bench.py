@@ -1,6 +1,6 @@
 """GPT-2 XL's linear layers at decode batch sizes: achieved weight-read bandwidth of each weight layout.
 
-Usage: python -m benchmarks.linear_bench
+Usage: python -m gpt2serve.benchmarks.linear_bench
 """
 
 import torch

@@ -1,6 +1,6 @@
 """Multi-LoRA serving cost on the GPU (issue 10): W1 spread over 4 adapters and W3 with an adapter, against no LoRA.
 
-    python -m benchmarks.lora_e2e_gpu --out benchmarks/results/<date>_lora_H100.json
+    python -m gpt2serve.benchmarks.lora_e2e_gpu --out benchmarks/results/<date>_lora_H100.json
 
 GPT-2 XL, fp16 dummy weights; 4 rank-16 adapters in the PEFT layout with random A and B, written to a temporary
 directory and loaded through the engine's real path (``lora_modules``). Two targetings are measured: PEFT's
@@ -28,8 +28,8 @@ from typing import Any
 
 import torch
 
-from benchmarks.offline import (_params, build_workload, device_name, git_commit, latency_figures, log, sync,
-                                throughput_figures, warm_up_engine, write_results)
+from gpt2serve.benchmarks.offline import (_params, build_workload, device_name, git_commit, latency_figures, log, sync,
+                                          throughput_figures, warm_up_engine, write_results)
 
 TARGETS = {"c_attn": ("attn.c_attn",), "all": ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
 
@@ -113,8 +113,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--w3-repeats", type=int, default=3, help="rounds of W3 per case (median reported)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
-    from engine import LLM, EngineConfig
-    from engine.loader import load_hf_config
+    from gpt2serve import LLM, EngineConfig
+    from gpt2serve.engine.loader import load_hf_config
 
     base_cfg = dict(model=args.model, load_format="dummy", device=args.device,
                     dtype="float16" if args.device == "cuda" else "float32")

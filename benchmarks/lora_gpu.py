@@ -41,9 +41,6 @@ import os
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
 import torch  # noqa: E402
 
 if not torch.cuda.is_available():
@@ -52,8 +49,8 @@ if not torch.cuda.is_available():
 import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 
-from benchmarks.decode_linear_gpu import L2_DEFEAT_BYTES, capture_calls, rel_err, time_graph  # noqa: E402
-from kernels import lora  # noqa: E402
+from gpt2serve.benchmarks.decode_linear_gpu import L2_DEFEAT_BYTES, capture_calls, rel_err, time_graph  # noqa: E402
+from gpt2serve.kernels import lora  # noqa: E402
 
 TOL = {torch.float16: 1e-3, torch.bfloat16: 1e-2}
 MAX_COPIES = 256
@@ -181,12 +178,12 @@ def kernel_us(calls, n_calls: int = 20, replays: int = 5) -> dict[str, float]:
 
 def bench_decode(name: str, k: int, n: int, t: int, rank: int, slots: int, dtype, device, small: bool,
                  profile_kernels: bool = False) -> dict:
-    from engine.layers.basic import LayerNorm
-    from engine.layers.linear import Linear
+    from gpt2serve.engine.layers.basic import LayerNorm
+    from gpt2serve.engine.layers.linear import Linear
 
     has_ln, act, has_res = DECODE_FUSION[name]
     if device.type == "cuda":  # as DecodeGraphs does before capturing: split-K and the LoRA producers need it
-        from kernels.decode_linear import reserve_scratch
+        from gpt2serve.kernels.decode_linear import reserve_scratch
 
         reserve_scratch(device)
     gen = torch.Generator(device=device).manual_seed(t * 31 + n)
@@ -226,7 +223,7 @@ def bench_decode(name: str, k: int, n: int, t: int, rank: int, slots: int, dtype
     rec["plain_us"] = time_graph([lambda i=i: call(i, None) for i in calls], **graph_kw)
     rec["fused_lora_us"] = time_graph([lambda i=i: call(i, ids) for i in calls], **graph_kw)
     def two_launches(i):  # the shrink as a kernel of its own, the fused linear's epilogue adding its result
-        from kernels.decode_linear import LoraDelta, fused_linear
+        from gpt2serve.kernels.decode_linear import LoraDelta, fused_linear
 
         layer = layers[i % len(layers)]
         ln = dict(ln_weight=norm.weight, ln_bias=norm.bias) if has_ln else {}
@@ -256,7 +253,7 @@ LORA_CONFIG_CANDIDATES = [None] + [dict(block_n=bn, block_k=bk, num_warps=4, pre
 def run_lora_configs(args, dtype, device, report, dump) -> bool:
     """Time every candidate for each decode layer at one row, plain and with an in-kernel LoRA shrink; print the
     ``TUNED_LORA_CONFIGS`` entries that beat the table's current one."""
-    from kernels import decode_linear as dl
+    from gpt2serve.kernels import decode_linear as dl
 
     all_ok, rows = True, []
     for name, (k, n) in layer_shapes(args.small).items():

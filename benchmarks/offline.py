@@ -1,6 +1,6 @@
-"""Offline benchmarks W1-W3 and W5 of ../shared/BENCHMARKS.md: our engine and the HuggingFace baselines, one process.
+"""Offline benchmarks W1-W3 and W5 of benchmarks/README.md: our engine and the HuggingFace baselines, one process.
 
-    python -m benchmarks.offline --workloads W1,W2,W3 --model gpt2-xl --load-format dummy --dtype float16 \\
+    python -m gpt2serve.benchmarks.offline --workloads W1,W2,W3 --model gpt2-xl --load-format dummy --dtype float16 \\
         --baselines hf-generate,hf-generate_batch,hf-generate-static --out benchmarks/results/<file>.json
 
 Order of work: build our engine, warm it up, time every workload on it, free it (its KV pool takes most of the
@@ -38,23 +38,24 @@ import torch
 # ----------------------------------------------------------------------------------------------- workloads
 WORKLOADS = ("W1", "W2", "W3", "W5")
 BASELINES = ("hf-generate", "hf-generate_batch", "hf-generate-static")
-# Which baseline BENCHMARKS.md runs on which workload.
+# Which baseline runs on which workload (benchmarks/README.md).
 BASELINES_FOR = {"W1": ("hf-generate", "hf-generate_batch"), "W2": ("hf-generate", "hf-generate_batch"),
                  "W3": ("hf-generate", "hf-generate-static"), "W5": ("hf-generate",)}
 TOKEN_ID_RANGE = 50_000  # prompts draw ids 0..50000 (inclusive), modulo the vocabulary of smaller models
 W3_RUNS = 5
 PAD_ID = 0  # left padding of HF's static batches; masked out, so any id does
 
-# Physical ceilings on one H100 80GB for GPT-2 XL in fp16 (BENCHMARKS.md): out tok/s for W1/W2, TPOT floor for W3.
+# Physical ceilings on one H100 80GB for GPT-2 XL in fp16 (benchmarks/README.md): out tok/s for W1/W2, TPOT floor
+# for W3.
 H100_CEILINGS = {"W1": 24_000.0, "W2": 17_600.0, "W3_tpot_ms": 1.04}
 # W5: with the shared prefix read once per step for all sequences, ~60,000 out tok/s; an engine whose attention reads
 # each sequence's whole context (no prefix caching, or caching without shared-prefix attention) is capped at ~14,800.
 W5_CEILINGS = {True: 60_000.0, False: 14_800.0}
-# vLLM 0.26.0 on an H100 (BENCHMARKS.md), the peer: not runnable in our jobs, quoted beside our figures.
+# vLLM 0.26.0 on an H100 (benchmarks/README.md), the peer: not runnable in our jobs, quoted beside our figures.
 VLLM_H100 = {"W1": 14_050.0, "W2": 8_523.0, "W3_tpot_ms": 2.96, "W5": 13_084.0, "W5-no-prefix-caching": 7_675.0}
 GPT2_XL_GEOMETRY = dict(n_layer=48, n_embd=1600, n_head=25, vocab_size=50257)
 
-# Rough HF baseline costs on an H100 with GPT-2 XL fp16, from BENCHMARKS.md's figures, used only to predict
+# Rough HF baseline costs on an H100 with GPT-2 XL fp16, from benchmarks/README.md's figures, used only to predict
 # whether a baseline still fits in --deadline-s. hf-generate at batch 128: 1,036 out tok/s over 4 x 256 steps
 # is ~0.124 s a decode step (0.15 allowed for W2's longer padded contexts); generate_batch: 925 out tok/s;
 # batch-1 TPOT 105.7 ms dynamic, 11.2 ms static; the static cache's first call compiles (about a minute, a guess).
@@ -90,7 +91,7 @@ def _scaled(n: int, scale: float, minimum: int) -> int:
 
 
 def build_workload(name: str, scale: float, vocab_size: int, max_model_len: int, variant: int = 0) -> Workload:
-    """Request lengths of BENCHMARKS.md, shrunk by ``scale`` and clamped to ``max_model_len``.
+    """Request lengths of benchmarks/README.md, shrunk by ``scale`` and clamped to ``max_model_len``.
 
     Lengths are drawn at full scale and then scaled, so a scaled W2 keeps the shape of its length distribution.
     Outputs keep at least 2 tokens so that TPOT (which divides by n_out - 1) stays defined.
@@ -99,10 +100,10 @@ def build_workload(name: str, scale: float, vocab_size: int, max_model_len: int,
         n, lengths = 512, [(256, 256)] * 512
         token_rng = random.Random(1)
     elif name == "W2":
-        rng = random.Random(0)  # exactly as BENCHMARKS.md: (prompt, output) per request, in that order
+        rng = random.Random(0)  # exactly as benchmarks/README.md: (prompt, output) per request, in that order
         lengths = [(rng.randint(16, 768), rng.randint(16, 256)) for _ in range(1000)]
         n = 1000
-        token_rng = random.Random(2)  # token ids from their own stream so the lengths stay BENCHMARKS.md's
+        token_rng = random.Random(2)  # token ids from their own stream so the lengths stay the documented ones
     elif name == "W5":
         # One 512-token prefix shared by all, then 64 tokens of each request's own; all arrive at t=0. The token
         # stream is per variant, so that the run with prefix caching finds nothing left from an earlier run.
@@ -138,7 +139,7 @@ def build_workload(name: str, scale: float, vocab_size: int, max_model_len: int,
         outs.append(o2)
     wl = Workload(name, prompts, outs, runs=W3_RUNS if name == "W3" else 1)
     if scale != 1.0:
-        wl.notes.append(f"--scale {scale}: request count and lengths scaled from BENCHMARKS.md")
+        wl.notes.append(f"--scale {scale}: request count and lengths scaled from benchmarks/README.md")
     if clamped:
         wl.notes.append(f"{clamped} requests clamped to max_model_len {max_model_len}")
     if vocab_size <= TOKEN_ID_RANGE:
@@ -207,7 +208,7 @@ def latency_figures(ttft_s: list[float], tpot_s: list[float], with_p99: bool) ->
 
 # ----------------------------------------------------------------------------------------------- our engine
 def _params(max_tokens: int):
-    from engine import SamplingParams
+    from gpt2serve import SamplingParams
 
     return SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True, detokenize=False)
 
@@ -337,10 +338,10 @@ def _run_ours(llm, wl: Workload, device: torch.device) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------- HF baselines
 def build_hf_model(engine_config, hf_config, device: torch.device, dtype: torch.dtype):
     """HF's GPT-2 of the same config: the checkpoint's weights when the engine loads real ones, else random
-    (BENCHMARKS.md: random weights cost exactly the same compute and memory traffic)."""
+    (random weights cost exactly the same compute and memory traffic)."""
     from transformers import GPT2LMHeadModel
 
-    from engine.loader import model_dir
+    from gpt2serve.engine.loader import model_dir
 
     directory = None if engine_config.load_format == "dummy" else model_dir(engine_config)
     if directory is not None and any(directory.glob("*.safetensors")):
@@ -501,7 +502,7 @@ def _cb_config(device: torch.device, num_requests: int):
 
 
 def hf_continuous_batching(model, wl: Workload, device: torch.device) -> dict[str, Any]:
-    """HF continuous batching (``attn_implementation="paged|sdpa"``), under torch.no_grad() as BENCHMARKS.md asks.
+    """HF continuous batching (``attn_implementation="paged|sdpa"``), under torch.no_grad(), not inference_mode().
 
     Equal output lengths (W1) go through ``model.generate_batch``. It takes one max_new_tokens for all, so W2's
     per-request lengths go through the manager that generate_batch wraps (``continuous_batching_context_manager``
@@ -615,7 +616,7 @@ def _parse_value(text: str) -> Any:
 
 
 def expected_seconds(engine: str, wl: Workload, h100_xl: bool, batch_size: int) -> float:
-    """A rough duration from BENCHMARKS.md's H100 figures, for --deadline-s; 0 when they do not apply."""
+    """A rough duration from the HF baselines' H100 figures, for --deadline-s; 0 when they do not apply."""
     if not h100_xl:
         return 0.0
     if wl.name == "W3":  # the static cache's warm-up is one more full run, the dynamic cache's a short one
@@ -632,7 +633,7 @@ def is_gpt2_xl(hf_config) -> bool:
 
 
 def ceiling_fraction(rec: dict[str, Any], h100_xl_fp16: bool) -> float | None:
-    """Fraction of BENCHMARKS.md's H100 ceiling; only for GPT-2 XL fp16 on an H100 and the unscaled workload
+    """Fraction of the H100 ceiling in benchmarks/README.md; only for GPT-2 XL fp16 on an H100 and the unscaled workload
     (the ceilings are computed for exactly those requests)."""
     if not h100_xl_fp16 or rec.get("error") or rec.get("scale") != 1.0 or rec.get("baseline_scale") not in (None, 1.0):
         return None
@@ -646,7 +647,8 @@ def ceiling_fraction(rec: dict[str, Any], h100_xl_fp16: bool) -> float | None:
 
 
 def ratio_to_vllm(rec: dict[str, Any]) -> float | None:
-    """Ours over vLLM's BENCHMARKS.md figure for the same workload (>1: ours is better); H100 GPT-2 XL fp16 only."""
+    """Ours over vLLM's figure in benchmarks/README.md for the same workload (>1: ours is better); H100 GPT-2 XL
+    fp16 only."""
     key = rec["workload"] + ("-no-prefix-caching" if rec.get("prefix_caching") is False else "")
     if key == "W3":
         return _round(VLLM_H100["W3_tpot_ms"] / rec["tpot_ms_p50"], 3) if rec.get("tpot_ms_p50") else None
@@ -713,7 +715,7 @@ def write_results(records: list[dict[str, Any]], out: Path | None,
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.offline", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m gpt2serve.benchmarks.offline", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workloads", default="W1,W2,W3", help="comma list of W1, W2, W3")
     p.add_argument("--model", default="gpt2-xl")
@@ -737,7 +739,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", type=float, default=1.0, help="shrink request counts and lengths (CPU smoke runs)")
     p.add_argument("--deadline-s", type=float, default=None,
                    help="skip a baseline (recorded as an error) once the job has run this long, or, on an H100 "
-                        "with GPT-2 XL, when BENCHMARKS.md's figures say it would end past it")
+                        "with GPT-2 XL, when the HF baselines' H100 figures say it would end past it")
     p.add_argument("--commit", default=None, help="commit to record (default: git rev-parse HEAD, or 'unknown')")
     p.add_argument("--out", type=Path, default=None, help="JSON file; the markdown table goes beside it (.md)")
     return p
@@ -777,8 +779,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     except ValueError as e:
         raise SystemExit(str(e)) from None
 
-    from engine import LLM, EngineConfig
-    from engine.loader import load_hf_config, resolve_device, resolve_dtype, weight_bytes
+    from gpt2serve import LLM, EngineConfig
+    from gpt2serve.engine.loader import load_hf_config, resolve_device, resolve_dtype, weight_bytes
 
     config = EngineConfig(model=args.model, load_format=args.load_format, dtype=args.dtype, device=args.device,
                           **_engine_overrides(args))
@@ -906,7 +908,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 record(w, b, functools.partial(_fail, weights), extra)
             elif args.deadline_s is not None and elapsed + expect > args.deadline_s:
                 msg = (f"--deadline-s {args.deadline_s:g}: at {elapsed:.0f} s, expected {expect:.0f} s more "
-                       "(BENCHMARKS.md's H100 figures)")
+                       "(the HF baselines' H100 figures)")
                 record(w, b, functools.partial(_skip, msg), extra)
             else:
                 log(f"{w} {b}: {len(sub.prompts)} requests/runs, expected ~{expect:.0f} s")

@@ -1,6 +1,6 @@
 """Pipeline parallelism on CPUs: does cutting a step into micro-batches make the stages work at once?
 
-    python -m benchmarks.pipeline_cpu --out benchmarks/results/<date>_pipeline_cpu.json
+    python -m gpt2serve.benchmarks.pipeline_cpu --out benchmarks/results/<date>_pipeline_cpu.json
 
 A GPT-2-shaped checkpoint with random weights (8 blocks, ``--width`` 1024, built by ``engine.tiny_model``) serves one
 batch of requests (``--requests`` prompts of ``--prompt-tokens``, ``--output-tokens`` each, greedy, EOS
@@ -29,9 +29,9 @@ from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
 
-from benchmarks.offline import git_commit, log, write_results  # noqa: E402
-from engine import LLM, EngineConfig, SamplingParams  # noqa: E402
-from engine.tiny_model import build_tiny_checkpoint  # noqa: E402
+from gpt2serve.benchmarks.offline import git_commit, log, write_results  # noqa: E402
+from gpt2serve import LLM, EngineConfig, SamplingParams  # noqa: E402
+from gpt2serve.engine.tiny_model import build_tiny_checkpoint  # noqa: E402
 
 
 def run(model_dir: Path, prompts: list[list[int]], new: int, **parallel) -> tuple[dict[str, Any], list[list[int]]]:

@@ -3,7 +3,7 @@
 Time on the 2-core CI machines says nothing about a GPU, but the number of steps a request waits does not
 depend on the machine. Workload: 48 requests arriving at once, prompts of 8..200 tokens (random.Random(0)),
 24 output tokens each, a 64-token step budget, 8 sequences at most, a pool of 1,536 tokens.
-Usage: python -m benchmarks.policies_cpu --out benchmarks/results/<name>.json
+Usage: python -m gpt2serve.benchmarks.policies_cpu --out benchmarks/results/<name>.json
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from engine import EngineConfig, LLMEngine, SamplingParams
-from engine.tiny_model import build_tiny_checkpoint
+from gpt2serve import EngineConfig, LLMEngine, SamplingParams
+from gpt2serve.engine.tiny_model import build_tiny_checkpoint
 
 
 def run(model_dir: Path, prompts: list[list[int]], priorities: list[int], **config) -> dict:
@@ -75,7 +75,7 @@ def main() -> None:
         args.out.write_text(json.dumps(rows, indent=1))
         args.out.with_suffix(".md").write_text(
             "Policies on the CPU, tiny model, 48 requests (8..200 prompt tokens, 24 out), in engine steps.\n"
-            "Command: `python -m benchmarks.policies_cpu --out " + str(args.out) + "`\n\n" + table + "\n")
+            "Command: `python -m gpt2serve.benchmarks.policies_cpu --out " + str(args.out) + "`\n\n" + table + "\n")
 
 
 if __name__ == "__main__":

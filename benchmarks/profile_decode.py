@@ -1,6 +1,6 @@
 """Where a decode step's time goes: kernel table of GPT-2 XL decode steps (torch.profiler), eager and graphed.
 
-Usage: python -m benchmarks.profile_decode --batch 1 --context 256 [--batch 256 --context 384] --out FILE.txt
+Usage: python -m gpt2serve.benchmarks.profile_decode --batch 1 --context 256 [--batch 256 --context 384] --out FILE.txt
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from engine import EngineConfig, LLMEngine, SamplingParams
+from gpt2serve import EngineConfig, LLMEngine, SamplingParams
 
 
 def profile_decode(batch: int, context: int, eager: bool, steps: int = 20) -> str:

@@ -1,7 +1,7 @@
 """Weight-only quantization on the GPU (issue 9): quality, logit error, memory, W3 TPOT and W1 throughput.
 
-    python -m benchmarks.quant_gpu --out benchmarks/results/<date>_quant_H100.json
-    python -m benchmarks.quant_gpu --small --out /tmp/quant.json     # CPU smoke run: tiny shapes, seconds
+    python -m gpt2serve.benchmarks.quant_gpu --out benchmarks/results/<date>_quant_H100.json
+    python -m gpt2serve.benchmarks.quant_gpu --small --out /tmp/quant.json     # CPU smoke run: tiny shapes, seconds
 
 1. Quality: a small GPT-2 (12 x 768, GPT-2 small's shape) is trained for a fixed time on the Python standard
    library's source (``benchmarks/train_spec_pair.py``'s corpus, tokenizer and training loop; held-out files never
@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.offline import device_name, git_commit, write_results
+from gpt2serve.benchmarks.offline import device_name, git_commit, write_results
 
 MODES = ("none", "int8", "int4")
 
@@ -45,7 +45,7 @@ def _free() -> None:
 
 def held_out_perplexity(model_dir: Path, windows: list[list[int]], quantization: str, device: str,
                         dtype: str) -> float:
-    from engine import LLM, EngineConfig, SamplingParams
+    from gpt2serve import LLM, EngineConfig, SamplingParams
 
     llm = LLM(EngineConfig(model=str(model_dir), device=device, dtype=dtype, quantization=quantization,
                            enable_prefix_caching=False, max_num_seqs=16, enforce_eager=True))
@@ -59,7 +59,8 @@ def held_out_perplexity(model_dir: Path, windows: list[list[int]], quantization:
 
 def quality(args, device: str) -> dict[str, Any]:
     """Train the small model, then held-out perplexity per mode."""
-    from benchmarks.train_spec_pair import encode_stream, stdlib_files, train, train_tokenizer
+    from gpt2serve.benchmarks.train_spec_pair import encode_stream, stdlib_files, train
+    from gpt2serve.engine.tiny_model import train_bpe_tokenizer
     from transformers import GPT2Config
 
     work = args.workdir
@@ -67,7 +68,7 @@ def quality(args, device: str) -> dict[str, Any]:
     train_texts, held_texts = stdlib_files()
     if args.small:
         train_texts, held_texts = train_texts[:40], held_texts[:8]
-    tok, fast = train_tokenizer(train_texts, args.vocab_size, work)
+    tok, fast = train_bpe_tokenizer(train_texts, args.vocab_size)
     data = encode_stream(tok, train_texts)
     held = encode_stream(tok, held_texts)
     shape = dict(n_layer=2, n_embd=64, n_head=4) if args.small else dict(n_layer=12, n_embd=768, n_head=12)
@@ -91,7 +92,7 @@ def quality(args, device: str) -> dict[str, Any]:
 def last_logits(model: str, quantization: str, prompts: list[list[int]], device: str, dtype: str,
                 load_format: str) -> torch.Tensor:
     """The logits the engine samples the first output token from, captured at the model's LM head."""
-    from engine import LLM, EngineConfig, SamplingParams
+    from gpt2serve import LLM, EngineConfig, SamplingParams
 
     llm = LLM(EngineConfig(model=model, load_format=load_format, device=device, dtype=dtype,
                            quantization=quantization, enable_prefix_caching=False, enforce_eager=True,
@@ -124,7 +125,7 @@ def logit_error(args, device: str) -> dict[str, Any]:
 
 
 def performance(args) -> list[dict[str, Any]]:
-    from benchmarks import offline
+    from gpt2serve.benchmarks import offline
 
     records = []
     for q in MODES:

@@ -38,9 +38,6 @@ import os
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
 import torch  # noqa: E402
 
 if not torch.cuda.is_available():
@@ -49,9 +46,9 @@ if not torch.cuda.is_available():
 import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 
-from benchmarks.decode_linear_gpu import L2_DEFEAT_BYTES, rel_err, time_do_bench, time_graph  # noqa: E402
-from kernels import decode_linear as dl  # noqa: E402
-from kernels import quant_linear as ql  # noqa: E402
+from gpt2serve.benchmarks.decode_linear_gpu import L2_DEFEAT_BYTES, rel_err, time_do_bench, time_graph  # noqa: E402
+from gpt2serve.kernels import decode_linear as dl  # noqa: E402
+from gpt2serve.kernels import quant_linear as ql  # noqa: E402
 
 HBM_BYTES_PER_S = 3.35e12  # H100 SXM HBM3, datasheet
 N_LAYERS = 48

@@ -1,7 +1,7 @@
 """Speculative decoding on the GPU (issue 8): GPT-2 XL verifying k = 4 proposals per step, against no speculation.
 
-    python -m benchmarks.spec_decode_gpu --out benchmarks/results/<date>_spec-decode_H100.json
-    python -m benchmarks.spec_decode_gpu --small --out /tmp/spec.json      # CPU, tiny checkpoints, seconds
+    python -m gpt2serve.benchmarks.spec_decode_gpu --out benchmarks/results/<date>_spec-decode_H100.json
+    python -m gpt2serve.benchmarks.spec_decode_gpu --small --out /tmp/spec.json      # CPU, tiny checkpoints, seconds
 
 W3-like requests (128-token prompt, 256 output tokens, greedy, EOS ignored) at batch 1, 8 and 32, each batch a
 set of fresh prompts that all arrive at once. Reported per (proposer, batch): TPOT per emitted token, (finish -
@@ -40,8 +40,8 @@ from typing import Any, Iterable
 import torch
 import yaml
 
-from benchmarks.offline import device_name, git_commit, log, percentile, sync, warm_up_engine, write_results
-from engine.spec_decode.proposer import Proposal, ProposalRequest, Proposer
+from gpt2serve.benchmarks.offline import device_name, git_commit, log, percentile, sync, warm_up_engine, write_results
+from gpt2serve.engine.spec_decode.proposer import Proposal, ProposalRequest, Proposer
 
 MODES = ("no-spec", "oracle", "always-wrong", "draft")
 SPEC_KEYS = ("spec_num_draft_tokens", "spec_num_accepted_tokens", "spec_num_steps")
@@ -98,7 +98,7 @@ def widen_greedy_margins(model, token: int = 1000, scale: float = 20.0) -> None:
 
 # ----------------------------------------------------------------------------------------------- measuring
 def _params(n_out: int):
-    from engine import SamplingParams
+    from gpt2serve import SamplingParams
 
     return SamplingParams(max_tokens=n_out, temperature=0, ignore_eos=True, detokenize=False)
 
@@ -186,7 +186,8 @@ def summarize(runs: list[dict[str, Any]], n_out: int, batch: int, prompt_len: in
 
 # ----------------------------------------------------------------------------------------------- orchestration
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.spec_decode_gpu", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m gpt2serve.benchmarks.spec_decode_gpu",
+                                description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="gpt2-xl")
     p.add_argument("--draft-model", default="gpt2")
@@ -215,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _small_setup(args: argparse.Namespace) -> dict[str, Any]:
     """Tiny checkpoints sharing one vocabulary, and CPU-sized engine settings."""
-    from engine.tiny_model import build_tiny_checkpoint
+    from gpt2serve.engine.tiny_model import build_tiny_checkpoint
 
     root = Path(tempfile.mkdtemp(prefix="spec-bench-"))
     args.model = str(build_tiny_checkpoint(root / "target"))
@@ -243,8 +244,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     batches = [int(b) for b in args.batch_sizes.split(",")]
     started = time.perf_counter()
 
-    from engine import LLM, EngineConfig
-    from engine.loader import load_hf_config, resolve_device, resolve_dtype
+    from gpt2serve import LLM, EngineConfig
+    from gpt2serve.engine.loader import load_hf_config, resolve_device, resolve_dtype
 
     base = dict(model=args.model, load_format=args.load_format, dtype=args.dtype, device=args.device,
                 enable_prefix_caching=False, max_num_seqs=max(args.max_num_seqs, *batches), **overrides)

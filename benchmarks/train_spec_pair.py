@@ -1,6 +1,6 @@
 """A real acceptance rate for speculative decoding: train a small target and a smaller draft, then measure.
 
-    python -m benchmarks.train_spec_pair --out benchmarks/results/<date>_spec-trained-pair_H100.json
+    python -m gpt2serve.benchmarks.train_spec_pair --out benchmarks/results/<date>_spec-trained-pair_H100.json
 
 Random weights make acceptance meaningless, and nothing can be downloaded on the GPU hosts, so this trains a pair
 on text that is on every machine: the Python standard library's source. A byte-level BPE tokenizer (``tokenizers``)
@@ -21,12 +21,13 @@ import json
 import math
 import random
 import statistics
-import sysconfig
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from gpt2serve.engine.tiny_model import stdlib_sources, train_bpe_tokenizer
 
 
 def log(msg: str) -> None:
@@ -35,35 +36,10 @@ def log(msg: str) -> None:
 
 def stdlib_files(seed: int = 0) -> tuple[list[str], list[str]]:
     """The standard library's .py sources, shuffled, split 90 / 10 into train and held-out files."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    texts = []
-    for path in sorted(root.rglob("*.py")):
-        if "site-packages" in path.parts or "test" in path.parts:
-            continue
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (UnicodeDecodeError, OSError):
-            continue
-        if len(text) > 2000:
-            texts.append(text)
+    texts = stdlib_sources(min_chars=2001)
     random.Random(seed).shuffle(texts)
     cut = len(texts) // 10
     return texts[cut:], texts[:cut]
-
-
-def train_tokenizer(texts: list[str], vocab_size: int, out: Path):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(texts, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
-                                   unk_token="<|endoftext|>")
-    return tok, fast
 
 
 def encode_stream(tok, texts: list[str]) -> torch.Tensor:
@@ -132,7 +108,7 @@ def held_out_loss(model_dir: Path, data: torch.Tensor, device: torch.device, seq
 
 def measure(target: Path, draft: Path, mode: str, prompts: list[list[int]], out_len: int, batch: int, k: int,
             device: str) -> dict[str, Any]:
-    from engine import LLM, EngineConfig, SamplingParams
+    from gpt2serve import LLM, EngineConfig, SamplingParams
 
     spec = None
     if mode == "draft":
@@ -195,7 +171,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         args.target_seconds, args.draft_seconds, args.vocab_size, args.prompts = 4, 2, 1024, 2
         args.batch_sizes = "1,2"
     args.workdir.mkdir(parents=True, exist_ok=True)
-    tok, fast = train_tokenizer(train_texts, args.vocab_size, args.workdir / "tokenizer")
+    tok, fast = train_bpe_tokenizer(train_texts, args.vocab_size)
     train_data, held_data = encode_stream(tok, train_texts), encode_stream(tok, held_texts)
     log(f"corpus: {len(train_texts)} train files ({len(train_data) / 1e6:.1f} M tokens), {len(held_texts)} held-out "
         f"({len(held_data) / 1e6:.2f} M tokens), vocab {tok.get_vocab_size()}")

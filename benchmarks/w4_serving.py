@@ -1,4 +1,4 @@
-"""W4 of ../shared/BENCHMARKS.md: online serving, 100 concurrent streaming clients in a closed loop for 60 s.
+"""W4 of benchmarks/README.md: online serving, 100 concurrent streaming clients in a closed loop for 60 s.
 
 Each client sends a 256-token prompt of random ids (``random.Random(seed)`` over 0..50000), asks for 128 tokens
 with ``ignore_eos``, reads the SSE stream to the end, and sends the next one at once. Reported: TTFT p50/p99,
@@ -182,7 +182,7 @@ def _wait_for_free_gpu(timeout_s: float = 120, fraction: float = 0.9) -> None:
 
 
 def run_in_process(load: Load, config: str, overrides: dict) -> tuple[list[Sample], float, str, str]:
-    from engine import AsyncLLM, EngineConfig, SamplingParams
+    from gpt2serve import AsyncLLM, EngineConfig, SamplingParams
 
     _wait_for_free_gpu()
     cfg = EngineConfig.from_yaml(config, **overrides)

@@ -1,7 +1,7 @@
 """The Grafana dashboards, as code (grafana-foundation-sdk, Grafana Labs' own builder library).
 
-    python -m dashboards.build            # rewrites dashboards/json/*.json
-    python -m dashboards.build --check    # fails if the committed JSON differs from what the code builds
+    python -m gpt2serve.dashboards.build            # rewrites dashboards/json/*.json
+    python -m gpt2serve.dashboards.build --check    # fails if the committed JSON differs from what the code builds
 
 Four dashboards: latency (TTFT / TPOT / end-to-end / queue / step percentiles), throughput (tokens/s,
 requests/s, aborts, rejections), capacity (KV usage, queue depth, running / waiting / swapped, preemptions,
@@ -246,7 +246,7 @@ def main() -> None:
             path.write_text(text)
             print(f"wrote {path}")
     if stale:
-        sys.exit("out of date (run python -m dashboards.build): " + ", ".join(stale))
+        sys.exit("out of date (run python -m gpt2serve.dashboards.build): " + ", ".join(stale))
 
 
 if __name__ == "__main__":

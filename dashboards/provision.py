@@ -1,8 +1,8 @@
 """Provision the dashboards into a Grafana server through its HTTP API, with a Prometheus data source.
 
-    python -m dashboards.provision --url http://grafana:3000 --api-key $GRAFANA_TOKEN \\
+    python -m gpt2serve.dashboards.provision --url http://grafana:3000 --api-key $GRAFANA_TOKEN \\
         --prometheus-url http://prometheus:9090
-    python -m dashboards.provision --url http://admin:admin@localhost:3000 --prometheus-url http://localhost:9090
+    python -m gpt2serve.dashboards.provision --url http://admin:admin@localhost:3000 --prometheus-url http://localhost:9090
 
 Creates (or updates) the data source ``gpt2serve-prometheus`` and the folder ``gpt2serve``, uploads every
 dashboard of ``dashboards/json/`` into it (overwriting the previous version), selects the data source in each
@@ -81,7 +81,7 @@ def provision(api: GrafanaApi, prometheus_url: str, datasource_name: str = "gpt2
     for name, dashboard in (dashboards or load_dashboards()).items():
         sent = with_datasource(dashboard, datasource)
         reply = api.dashboard.update_dashboard({"dashboard": sent, "folderUid": folder_uid, "overwrite": True,
-                                                "message": "python -m dashboards.provision"})
+                                                "message": "python -m gpt2serve.dashboards.provision"})
         stored = api.dashboard.get_dashboard(sent["uid"])
         got = stored["dashboard"]
         if got.get("title") != sent["title"] or queries(got) != queries(sent):

@@ -1,7 +1,7 @@
 """Render a dashboard's panels from a Prometheus to a PNG with matplotlib: a stand-in for a Grafana screenshot
 where no Grafana server can run (see docs/telemetry.md). Same queries as the JSON, same variables filled in.
 
-    python -m dashboards.render --prometheus http://127.0.0.1:9090 --dashboard latency --minutes 10 \\
+    python -m gpt2serve.dashboards.render --prometheus http://127.0.0.1:9090 --dashboard latency --minutes 10 \\
         --out latency.png [--prefix ray_gpt2serve_] [--rate-interval 1m]
 """
 
@@ -16,7 +16,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from dashboards.provision import load_dashboards
+from gpt2serve.dashboards.provision import load_dashboards
 
 
 def fill(expr: str, prefix: str, rate_interval: str, range_s: int) -> str:

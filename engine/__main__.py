@@ -1,4 +1,4 @@
-"""Command line: ``python -m engine generate --config configs/tiny.yaml --prompt "Hello"``."""
+"""Command line: ``gpt2serve generate --config configs/tiny.yaml --prompt "Hello"`` (``python -m gpt2serve.engine``)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import time
 
 
 def _generate(args: argparse.Namespace) -> None:
-    from engine import EngineConfig, LLMEngine, SamplingParams
+    from gpt2serve import EngineConfig, LLMEngine, SamplingParams
 
     overrides = {k: v for k, v in {"load_format": args.load_format, "model": args.model}.items() if v}
     config = EngineConfig.from_yaml(args.config, **overrides) if args.config else EngineConfig(**overrides)
@@ -33,9 +33,15 @@ def _generate(args: argparse.Namespace) -> None:
 
 
 def _make_tiny_model(args: argparse.Namespace) -> None:
-    from engine.tiny_model import build_tiny_checkpoint
+    from gpt2serve.engine.tiny_model import build_tiny_checkpoint
 
     print(build_tiny_checkpoint(args.path, n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head))
+
+
+def _make_dummy_model(args: argparse.Namespace) -> None:
+    from gpt2serve.engine.tiny_model import build_dummy_model_dir
+
+    print(build_dummy_model_dir(args.path, like=args.like))
 
 
 def _tour(args: argparse.Namespace) -> None:
@@ -44,7 +50,7 @@ def _tour(args: argparse.Namespace) -> None:
 
     from transformers.utils import logging as hf_logging
 
-    from engine.tour import print_demos, run_tour
+    from gpt2serve.engine.tour import print_demos, run_tour
 
     # Each demo starts an engine of its own: the start-up lines would bury the tables.
     logging.getLogger("engine").setLevel(logging.WARNING)
@@ -60,7 +66,7 @@ def _tour(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m engine")
+    parser = argparse.ArgumentParser(prog="gpt2serve")
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="stream one completion to the terminal")
     gen.add_argument("--config", help="engine YAML or Ray Serve config (its first application's args.engine)")
@@ -80,6 +86,11 @@ def main(argv: list[str] | None = None) -> None:
     tiny.add_argument("--n-embd", type=int, default=64)
     tiny.add_argument("--n-head", type=int, default=4)
     tiny.set_defaults(func=_make_tiny_model)
+    dummy = sub.add_parser("make-dummy-model", help="write a published GPT-2's config and a tokenizer of its "
+                           "vocabulary size trained here, for load_format: dummy (no weights, no download)")
+    dummy.add_argument("path")
+    dummy.add_argument("--like", default="gpt2", help="gpt2, gpt2-medium, gpt2-large or gpt2-xl")
+    dummy.set_defaults(func=_make_dummy_model)
     tour = sub.add_parser("tour", help="small measured demos of the KV cache, batching and sampling (CPU)")
     tour.add_argument("--model", help="a checkpoint directory; default: build the tiny one in a temporary directory")
     tour.add_argument("--json", help="also write the tables' rows to this file")

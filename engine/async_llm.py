@@ -14,11 +14,11 @@ import uuid
 from collections import deque
 from typing import Any, AsyncIterator, Callable
 
-from engine.config import EngineConfig
-from engine.errors import InvalidRequestError
-from engine.llm_engine import LLMEngine
-from engine.outputs import RequestOutput
-from engine.sampling_params import SamplingParams
+from gpt2serve.engine.config import EngineConfig
+from gpt2serve.engine.errors import InvalidRequestError
+from gpt2serve.engine.llm_engine import LLMEngine
+from gpt2serve.engine.outputs import RequestOutput
+from gpt2serve.engine.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from kernels.attention_ref import paged_attention_ref, write_kv_ref
+from gpt2serve.kernels.attention_ref import paged_attention_ref, write_kv_ref
 
 
 @dataclass
@@ -203,7 +203,7 @@ class TorchAttentionBackend(AttentionBackend):
 
 
 def _triton_backend() -> AttentionBackend:
-    from kernels.triton_backend import TritonAttentionBackend
+    from gpt2serve.kernels.triton_backend import TritonAttentionBackend
 
     return TritonAttentionBackend()
 
@@ -217,7 +217,7 @@ def get_attention_backend(name: str, device: torch.device) -> AttentionBackend:
         name = "torch"
         if device.type == "cuda":
             try:
-                import kernels.triton_backend  # noqa: F401
+                import gpt2serve.kernels.triton_backend  # noqa: F401
 
                 name = "triton"
             except ImportError:

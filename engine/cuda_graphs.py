@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from engine.attention import MAX_CASCADE_GROUPS, AttentionMetadata, CascadeMetadata
+from gpt2serve.engine.attention import MAX_CASCADE_GROUPS, AttentionMetadata, CascadeMetadata
 
 log = logging.getLogger(__name__)
 
@@ -251,7 +251,7 @@ class DecodeGraphs:
         self.lora_cascade_logits: dict[int, torch.Tensor] = {}
         self._pool = None
         if torch.device(device).type == "cuda":
-            from kernels.decode_linear import reserve_scratch
+            from gpt2serve.kernels.decode_linear import reserve_scratch
 
             reserve_scratch(device)
         seconds = self._capture_set(("decode", "cascade", "verify"), lora=False)
@@ -310,7 +310,7 @@ class DecodeGraphs:
                                              self.block_tables[:b], 1, max_model_len,
                                              lora_slots=self.lora_slots[:b] if lora else None)
                 if kind == "cascade":
-                    from kernels.cascade_attention import bucket_splits
+                    from gpt2serve.kernels.cascade_attention import bucket_splits
 
                     self.cascade.clear(b)
                     splits = bucket_splits(b, model.num_heads, max_model_len, kv_caches[0].dtype, device)

@@ -150,7 +150,7 @@ def init_ranks(rank: int, tp_size: int, pp_size: int, init_method: str, device: 
     of a pipeline-parallel step."""
     size = tp_size * pp_size
     assert tp_size == 1 or pp_size == 1, "tensor and pipeline parallelism together are not supported yet"
-    # NVLink SHARP (multicast) stays off: the GPU hosts we measure on do not allow it (../shared device notes).
+    # NVLink SHARP (multicast) stays off: the GPU hosts we measure on do not allow it.
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=size)
     control = dist.group.WORLD
@@ -163,8 +163,8 @@ def init_ranks(rank: int, tp_size: int, pp_size: int, init_method: str, device: 
 def _follower_main(config_json: str, rank: int, init_method: str) -> None:
     """A follower process: build this rank's runner (which joins the groups) and run the driver's steps until it
     says stop."""
-    from engine.config import EngineConfig
-    from engine.model_runner import ModelRunner
+    from gpt2serve.engine.config import EngineConfig
+    from gpt2serve.engine.model_runner import ModelRunner
 
     logging.basicConfig(level=logging.WARNING)
     runner = ModelRunner(EngineConfig.model_validate_json(config_json), rank=rank, init_method=init_method)

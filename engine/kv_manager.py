@@ -19,8 +19,8 @@ from __future__ import annotations
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
-from engine.prefix_cache import ROOT_HASH, block_hashes, extra_keys_bytes, token_bytes
-from engine.request import Request
+from gpt2serve.engine.prefix_cache import ROOT_HASH, block_hashes, extra_keys_bytes, token_bytes
+from gpt2serve.engine.request import Request
 
 
 def cdiv(a: int, b: int) -> int:

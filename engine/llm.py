@@ -5,10 +5,10 @@ from __future__ import annotations
 import itertools
 from typing import Any, Sequence
 
-from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
-from engine.outputs import RequestOutput
-from engine.sampling_params import SamplingParams
+from gpt2serve.engine.config import EngineConfig
+from gpt2serve.engine.llm_engine import LLMEngine
+from gpt2serve.engine.outputs import RequestOutput
+from gpt2serve.engine.sampling_params import SamplingParams
 
 
 class LLM:

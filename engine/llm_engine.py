@@ -8,18 +8,18 @@ import logging
 import time
 from typing import Callable
 
-from engine.config import EngineConfig
-from engine.errors import InvalidRequestError
-from engine.kv_manager import KVCacheManager
-from engine.lora import (LoRAAdapter, LoRAError, UnknownLoRAError, lora_layers, merge_adapter, read_peft_adapter,
-                         startup_uid)
-from engine.model_runner import ModelRunner
-from engine.output_processor import OutputProcessor, RequestState, SequenceText
-from engine.outputs import RequestOutput, SchedulerOutput
-from engine.request import Request, RequestStatus
-from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler
-from engine.tokenizer import load_tokenizer
+from gpt2serve.engine.config import EngineConfig
+from gpt2serve.engine.errors import InvalidRequestError
+from gpt2serve.engine.kv_manager import KVCacheManager
+from gpt2serve.engine.lora import (LoRAAdapter, LoRAError, UnknownLoRAError, lora_layers, merge_adapter,
+                                   read_peft_adapter, startup_uid)
+from gpt2serve.engine.model_runner import ModelRunner
+from gpt2serve.engine.output_processor import OutputProcessor, RequestState, SequenceText
+from gpt2serve.engine.outputs import RequestOutput, SchedulerOutput
+from gpt2serve.engine.request import Request, RequestStatus
+from gpt2serve.engine.sampling_params import SamplingParams
+from gpt2serve.engine.scheduler import Scheduler
+from gpt2serve.engine.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 

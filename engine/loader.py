@@ -11,12 +11,12 @@ from typing import Iterator
 import torch
 from transformers import GPT2Config
 
-from engine.attention import AttentionBackend
-from engine.config import EngineConfig
-from engine.distributed import PipelineParallel, TensorParallel
-from engine.layers.linear import Linear
-from engine.layers.quantization import LinearMethod, build_linear_method, checkpoint_quantization
-from engine.models.gpt2 import GPT2LMHeadModel
+from gpt2serve.engine.attention import AttentionBackend
+from gpt2serve.engine.config import EngineConfig
+from gpt2serve.engine.distributed import PipelineParallel, TensorParallel
+from gpt2serve.engine.layers.linear import Linear
+from gpt2serve.engine.layers.quantization import LinearMethod, build_linear_method, checkpoint_quantization
+from gpt2serve.engine.models.gpt2 import GPT2LMHeadModel
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,10 @@ def load_hf_config(config: EngineConfig) -> GPT2Config:
     elif (family := _family_name(config.model)) is not None:
         hf = GPT2Config(**GPT2_FAMILY[family])
     else:
-        raise FileNotFoundError(f"no config.json for model {config.model!r}")
+        raise FileNotFoundError(
+            f"model {config.model!r}: no config.json there. It is not a directory (relative paths start at "
+            f"{os.getcwd()}), nor a published GPT-2 ({', '.join(GPT2_FAMILY)}) or a hub id cached here. "
+            "`gpt2serve make-dummy-model DIR` writes a config and a tokenizer for load_format: dummy.")
     if hf.model_type != "gpt2":
         raise ValueError(f"only GPT-2 checkpoints are supported, {config.model!r} is {hf.model_type!r}")
     return hf

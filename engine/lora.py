@@ -29,7 +29,7 @@ PEFT_PREFIX = "base_model.model."
 
 def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
     """The linear layers an adapter may target, by module name (``h.0.attn.c_attn``, ...)."""
-    from engine.layers.linear import Linear
+    from gpt2serve.engine.layers.linear import Linear
 
     return {name: m for name, m in model.named_modules() if isinstance(m, Linear)}
 
@@ -208,7 +208,7 @@ class LoRAManager:
 def merge_adapter(model: nn.Module, adapter: LoRAAdapter) -> None:
     """Fold ``adapter`` into the dense base weights once (``merge: true``): the model then is the adapted one,
     at no cost per step, for every request."""
-    from engine.layers.quantization import LinearMethod
+    from gpt2serve.engine.layers.quantization import LinearMethod
 
     layers = lora_layers(model)
     for name, (a, b) in adapter.weights.items():

@@ -17,18 +17,18 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from engine.attention import AttentionMetadata, find_shared_prefixes, get_attention_backend
-from engine.config import EngineConfig
-from engine.cuda_graphs import DecodeGraphs, verify_layout
-from engine.distributed import Ranks, init_ranks, launch_followers
-from engine.kv_manager import cdiv
-from engine.loader import load_model, resolve_device, resolve_dtype, weight_bytes
-from engine.lora import LoRAManager
-from engine.outputs import ModelRunnerOutput, SchedulerOutput
-from engine.sampler import Sampler, SamplingRow, token_logprobs
-from engine.sampling_params import SamplingParams
-from engine.spec_decode.proposer import ProposalRequest, build_proposer
-from engine.spec_decode.rejection import greedy_accept, rejection_sample
+from gpt2serve.engine.attention import AttentionMetadata, find_shared_prefixes, get_attention_backend
+from gpt2serve.engine.config import EngineConfig
+from gpt2serve.engine.cuda_graphs import DecodeGraphs, verify_layout
+from gpt2serve.engine.distributed import Ranks, init_ranks, launch_followers
+from gpt2serve.engine.kv_manager import cdiv
+from gpt2serve.engine.loader import load_model, resolve_device, resolve_dtype, weight_bytes
+from gpt2serve.engine.lora import LoRAManager
+from gpt2serve.engine.outputs import ModelRunnerOutput, SchedulerOutput
+from gpt2serve.engine.sampler import Sampler, SamplingRow, token_logprobs
+from gpt2serve.engine.sampling_params import SamplingParams
+from gpt2serve.engine.spec_decode.proposer import ProposalRequest, build_proposer
+from gpt2serve.engine.spec_decode.rejection import greedy_accept, rejection_sample
 
 log = logging.getLogger(__name__)
 
@@ -331,7 +331,7 @@ class ModelRunner:
         shapes += [([31] + [1] * (n - 1), [0] + [50] * (n - 1)) for n in (2, 16, 17)]  # prefill beside decodes
         shapes = [(q, c, 0, None) for q, c in shapes]
         if eager_cascade:
-            from kernels.cascade_attention import warm_up_variants
+            from gpt2serve.kernels.cascade_attention import warm_up_variants
 
             # Every sequence behind one prefix of CASCADE_MIN_PREFIX_TOKENS, with a few tokens of its own.
             shared = cdiv(CASCADE_MIN_PREFIX_TOKENS, self.block_size)

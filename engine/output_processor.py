@@ -10,9 +10,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from engine.outputs import CompletionOutput, EngineCoreOutput, RequestOutput
-from engine.request import TokenLogprobs
-from engine.sampling_params import SamplingParams
+from gpt2serve.engine.outputs import CompletionOutput, EngineCoreOutput, RequestOutput
+from gpt2serve.engine.request import TokenLogprobs
+from gpt2serve.engine.sampling_params import SamplingParams
 
 
 @dataclass

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine.request import TokenLogprobs
-from engine.sampling_params import SamplingParams
+from gpt2serve.engine.request import TokenLogprobs
+from gpt2serve.engine.sampling_params import SamplingParams
 
 
 @dataclass

@@ -6,7 +6,7 @@ import enum
 import itertools
 from dataclasses import dataclass, field
 
-from engine.sampling_params import SamplingParams
+from gpt2serve.engine.sampling_params import SamplingParams
 
 _arrival_counter = itertools.count()
 

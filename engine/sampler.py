@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.request import TokenLogprobs
-from engine.sampling_params import SamplingParams
+from gpt2serve.engine.request import TokenLogprobs
+from gpt2serve.engine.sampling_params import SamplingParams
 
 _SEED_MASK = (1 << 63) - 1
 

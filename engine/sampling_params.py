@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine.errors import InvalidRequestError
+from gpt2serve.engine.errors import InvalidRequestError
 
 MAX_LOGPROBS = 20
 # Below this temperature a request is sampled greedily: dividing logits by ~0 only produces inf/nan.

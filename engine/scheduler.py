@@ -11,11 +11,14 @@ import time
 from collections import Counter
 from typing import Callable
 
-from engine.config import EngineConfig
-from engine.kv_manager import KVCacheManager
-from engine.outputs import CachedRequestData, EngineCoreOutput, ModelRunnerOutput, NewRequestData, SchedulerOutput
-from engine.request import Request, RequestStatus
-from policies import PREEMPTION_POLICIES, SCHEDULING_POLICIES, SWAP_POLICIES
+from gpt2serve.engine.config import EngineConfig
+from gpt2serve.engine.kv_manager import KVCacheManager
+from gpt2serve.engine.outputs import (CachedRequestData, EngineCoreOutput, ModelRunnerOutput, NewRequestData,
+                                      SchedulerOutput)
+from gpt2serve.engine.request import Request, RequestStatus
+from gpt2serve.policies.preemption import PREEMPTION_POLICIES
+from gpt2serve.policies.scheduling import SCHEDULING_POLICIES
+from gpt2serve.policies.swap import SWAP_POLICIES
 
 
 class Scheduler:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 
-from engine.config import EngineConfig
-from engine.loader import model_dir
+from gpt2serve.engine.config import EngineConfig
+from gpt2serve.engine.loader import model_dir
 
 log = logging.getLogger(__name__)
 

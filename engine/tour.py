@@ -1,4 +1,4 @@
-"""A tour of the engine's main ideas, measured on the tiny model on a CPU: ``python -m engine tour``.
+"""A tour of the engine's main ideas, measured on the tiny model on a CPU: ``python -m gpt2serve.engine tour``.
 
 Each demo runs this engine and returns its table as rows of plain values (the tests check them; ``print_demos``
 draws them). Nothing here is a quoted figure: every step count, token count and millisecond is measured now.
@@ -25,10 +25,10 @@ from typing import Iterator
 
 import torch
 
-from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
-from engine.outputs import SchedulerOutput
-from engine.sampling_params import SamplingParams
+from gpt2serve.engine.config import EngineConfig
+from gpt2serve.engine.llm_engine import LLMEngine
+from gpt2serve.engine.outputs import SchedulerOutput
+from gpt2serve.engine.sampling_params import SamplingParams
 
 
 @dataclass
@@ -227,7 +227,7 @@ def torch_threads(n: int | None) -> Iterator[None]:
 def run_tour(model_dir: str | Path | None = None, threads: int | None = 1) -> list[Demo]:
     with contextlib.ExitStack() as stack, torch_threads(threads):
         if model_dir is None:
-            from engine.tiny_model import build_tiny_checkpoint
+            from gpt2serve.engine.tiny_model import build_tiny_checkpoint
 
             model_dir = build_tiny_checkpoint(Path(stack.enter_context(tempfile.TemporaryDirectory())) / "tiny")
         return [demo(model_dir) for demo in (kv_cache, batched_prefill, continuous_batching, sampling)]

@@ -32,10 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.paged_attention import (
-    _LOG2E, DECODE_CONFIG, SPLIT_MAX, _find_seq, _merge_splits_kernel, _paged_attn_kernel, _prefill_tiles, _sm_count,
-    default_num_splits,
-)
+from gpt2serve.kernels.paged_attention import (_LOG2E, DECODE_CONFIG, SPLIT_MAX, _find_seq, _merge_splits_kernel,
+                                               _paged_attn_kernel, _prefill_tiles, _sm_count, default_num_splits)
 
 # Query-tile height: taller tiles read each prefix K/V tile fewer times (once per tile and head), shorter ones give
 # more programs when groups are small. fp32 pools (interpreter, GPU tests) take the "ieee" dot, which spills at

@@ -1041,7 +1041,7 @@ def fused_linear(
     lora_args = _lora_args(lora, m, n, k, ln_eps if ln_weight is not None else None, out2)
     if lora_args["LORA_NP"]:
         if not _lora_counters(lora_args, x.device):
-            from kernels.lora import lora_shrink_partials
+            from gpt2serve.kernels.lora import lora_shrink_partials
 
             h_parts = lora_shrink_partials(x2, lora.lora_a, lora.slot_ids, ln_weight=ln_weight, ln_bias=ln_bias)
             lora = LoraDelta(lora.lora_b, lora.slot_ids, h_parts=h_parts,

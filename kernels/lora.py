@@ -46,8 +46,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.decode_linear import (_dot_fp32_lhs, _lora_shrink_tile, _lora_store_part, _sm_count, ln_folded_width,
-                                   lora_h_from_parts)
+from gpt2serve.kernels.decode_linear import (_dot_fp32_lhs, _lora_shrink_tile, _lora_store_part, _sm_count,
+                                             ln_folded_width, lora_h_from_parts)
 
 NO_ADAPTER = -1
 

@@ -67,8 +67,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels import decode_linear as dl
-from kernels.decode_linear import _epilogue  # bias + decode_linear._gelu_tanh + residual, rounded once
+from gpt2serve.kernels import decode_linear as dl
+from gpt2serve.kernels.decode_linear import _epilogue  # bias + decode_linear._gelu_tanh + residual, rounded once
 
 DECODE_MAX_M = 16  # rows up to which the small-M (decode) configuration is used
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from engine.attention import AttentionBackend, AttentionMetadata
-from kernels.cascade_attention import cascade_attention
-from kernels.kv_write import write_kv
-from kernels.paged_attention import paged_attention
+from gpt2serve.engine.attention import AttentionBackend, AttentionMetadata
+from gpt2serve.kernels.cascade_attention import cascade_attention
+from gpt2serve.kernels.kv_write import write_kv
+from gpt2serve.kernels.paged_attention import paged_attention
 
 
 class TritonAttentionBackend(AttentionBackend):

@@ -1,7 +1,7 @@
 """Locust load test for the OpenAI-compatible service: closed-loop users that stream completions.
 
 Every user sends a request, reads its SSE stream to the end and sends the next one at once (W4 of
-../shared/BENCHMARKS.md is 100 of them, 256-token prompts, 128 output tokens, EOS ignored). Besides Locust's own
+benchmarks/README.md is 100 of them, 256-token prompts, 128 output tokens, EOS ignored). Besides Locust's own
 entry per request (its response time is the whole stream; its "size" is the completion tokens), each streamed
 request records two custom metrics under request types ``TTFT`` (request sent to first token event) and ``TPOT``
 ((last token event - first) / (completion tokens - 1), the token count from the stream's ``usage``). Locust rounds

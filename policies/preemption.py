@@ -7,8 +7,8 @@ falling back to recompute when swap space is full.
 
 from __future__ import annotations
 
-from engine.request import Request
-from policies.registry import Registry
+from gpt2serve.engine.request import Request
+from gpt2serve.policies.registry import Registry
 
 PREEMPTION_POLICIES: Registry["PreemptionPolicy"] = Registry("preemption")
 

@@ -7,8 +7,8 @@ not fit, so that a policy's promise is not broken by smaller requests slipping p
 
 from __future__ import annotations
 
-from engine.request import Request
-from policies.registry import Registry
+from gpt2serve.engine.request import Request
+from gpt2serve.policies.registry import Registry
 
 SCHEDULING_POLICIES: Registry["SchedulingPolicy"] = Registry("scheduling")
 

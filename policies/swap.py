@@ -5,9 +5,9 @@ Swapped requests come back before any new request is admitted (they were running
 
 from __future__ import annotations
 
-from engine.kv_manager import KVCacheManager
-from engine.request import Request
-from policies.registry import Registry
+from gpt2serve.engine.kv_manager import KVCacheManager
+from gpt2serve.engine.request import Request
+from gpt2serve.policies.registry import Registry
 
 SWAP_POLICIES: Registry["SwapPolicy"] = Registry("swap")
 

@@ -1,14 +1,63 @@
 #!/usr/bin/env bash
-# Create .venv with everything the service and the tests need. Idempotent; takes ~2 minutes the first time.
-# torch is pinned to the CPU build first where no GPU is present, so that the range in pyproject.toml does not
-# pull a multi-GB CUDA build onto a CPU machine; GPU machines keep whatever torch they install.
+# Create .venv from the committed lock and install this package into it (editable), then write the default
+# service's model directory. Idempotent: a second run with the same lock only checks; a changed lock rebuilds .venv.
+#
+# The lock is requirements/cuda.txt where a GPU answers nvidia-smi, requirements/cpu.txt elsewhere
+# (GPT2SERVE_LOCK=cpu|cuda chooses). Each is locked for one CPython version, named in requirements/<variant>.in;
+# with another Python the install falls back to pyproject.toml's ranges and says so. Refresh the locks on purpose
+# with scripts/lock.sh; scripts/fresh_resolve.sh tries the newest versions the ranges allow in a scratch venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ ! -x .venv/bin/python ]; then python3 -m venv .venv; fi
-if ! .venv/bin/python -c "import torch" 2>/dev/null; then
-  if command -v nvidia-smi >/dev/null 2>&1; then .venv/bin/pip install -q torch; else .venv/bin/pip install -q torch==2.13.0; fi
+
+variant=cpu
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then variant=cuda; fi
+variant=${GPT2SERVE_LOCK:-$variant}
+lock=requirements/$variant.txt
+locked_python=$(sed -n 's/^# python: *//p' "requirements/$variant.in")
+python=${PYTHON:-python3}
+if [ "$("$python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')" != "$locked_python" ] &&
+   command -v "python$locked_python" >/dev/null 2>&1; then
+  python=python$locked_python
 fi
-.venv/bin/pip install -q -e ".[test]"
+py_version=$("$python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+stamp="$variant $py_version $(cat "$lock" | sha256sum | cut -c1-16)"
+pip=(.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps)
+
+if [ -f .venv/.lock-stamp ] && [ "$(cat .venv/.lock-stamp)" != "$stamp" ]; then
+  echo "bootstrap: $lock changed since .venv was made: rebuilding .venv" >&2
+fi
+if [ ! -f .venv/.lock-stamp ] || [ "$(cat .venv/.lock-stamp)" != "$stamp" ]; then
+  rm -rf .venv
+  "$python" -m venv .venv
+  torch_pin=$(sed -n 's/^torch==\([^ ]*\).*/\1/p' "$lock")
+  if [ "$py_version" = "$locked_python" ]; then
+    # torch first and alone: PyTorch's CPU build is on PyTorch's own index, asked only where pip's configuration
+    # (a find-links directory, say) cannot supply it, and only for torch.
+    torch_req=$(mktemp)
+    awk '/^torch==/ {on = 1} on && /^ *#/ {exit} on {print}' "$lock" > "$torch_req"
+    "${pip[@]}" --require-hashes -r "$torch_req" 2>/dev/null ||
+      "${pip[@]}" --require-hashes -r "$torch_req" --find-links https://download.pytorch.org/whl/cpu/torch/
+    rm -f "$torch_req"
+    "${pip[@]}" --require-hashes -r "$lock"
+  else
+    echo "bootstrap: $lock is locked for Python $locked_python, this is $py_version: installing from" \
+         "pyproject.toml's ranges instead (not reproducible: versions may differ from CI's)" >&2
+    case $torch_pin in
+      *+cpu) .venv/bin/python -m pip install -q "torch==$torch_pin" --index-url https://download.pytorch.org/whl/cpu ;;
+      *) .venv/bin/python -m pip install -q "torch==$torch_pin" ;;
+    esac
+    .venv/bin/python -m pip install -q setuptools ".[test]"
+  fi
+  echo "$stamp" > .venv/.lock-stamp
+fi
+# This package itself, editable: cheap, and it follows changes to pyproject.toml's package list.
+"${pip[@]}" --no-build-isolation -e .
+
+# The default service's model (configs/tiny.yaml): GPT-2 small's config and a BPE tokenizer of GPT-2's vocabulary
+# size trained here on Python's own sources, so that text prompts get text back with no network; the weights are
+# drawn at start-up (load_format: dummy).
+[ -f models/gpt2-offline/tokenizer.json ] || .venv/bin/gpt2serve make-dummy-model models/gpt2-offline --like gpt2
+
 # Debian packages that some tests drive (they skip with a reason where these cannot be had): a real Prometheus
 # for the telemetry tests; headless Chromium and its driver for the playground's browser test.
 apt_updated=0

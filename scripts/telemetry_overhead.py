@@ -17,19 +17,16 @@ import asyncio
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def per_call_us(backend) -> dict[str, float]:
-    from engine.metrics import Cost, ServingMetrics, StepInfo
-    from engine.outputs import CompletionOutput, RequestOutput
+    from gpt2serve.engine.metrics import Cost, ServingMetrics, StepInfo
+    from gpt2serve.engine.outputs import CompletionOutput, RequestOutput
 
     rec = ServingMetrics(backend, "m", "r", Cost(1, 3.0, "x"))
     n = 20000
@@ -63,8 +60,8 @@ def per_call_us(backend) -> dict[str, float]:
 
 
 def engine_rounds(model_dir: Path, rounds: int) -> dict[str, float]:
-    from engine import AsyncLLM, EngineConfig, SamplingParams
-    from engine.metrics import Cost, PrometheusBackend, ServingMetrics, observe_steps
+    from gpt2serve import AsyncLLM, EngineConfig, SamplingParams
+    from gpt2serve.engine.metrics import Cost, PrometheusBackend, ServingMetrics, observe_steps
 
     cfg = EngineConfig(model=str(model_dir), device="cpu", dtype="float32", num_gpu_blocks=512, block_size=16,
                        max_num_batched_tokens=256, max_num_seqs=16, swap_space_gib=0.05)
@@ -108,8 +105,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    from engine.metrics import FanoutBackend, PrometheusBackend, RayBackend
-    from engine.tiny_model import build_tiny_checkpoint
+    from gpt2serve.engine.metrics import FanoutBackend, PrometheusBackend, RayBackend
+    from gpt2serve.engine.tiny_model import build_tiny_checkpoint
 
     result = {"machine": f"{os.cpu_count()} CPUs", "per_call_prometheus": per_call_us(PrometheusBackend())}
     if args.ray:
@@ -121,13 +118,9 @@ def main() -> None:
 
         @ray.remote
         def in_a_worker():  # ray.util.metrics record from a Ray worker process, as in a replica
-            import sys as _s
+            from gpt2serve.engine.metrics import FanoutBackend as F, PrometheusBackend as P, RayBackend as R
 
-            _s.path.insert(0, str(ROOT))
-            from engine.metrics import FanoutBackend as F, PrometheusBackend as P, RayBackend as R
-            from scripts.telemetry_overhead import per_call_us as measure
-
-            return measure(F(P(), R()))
+            return per_call_us(F(P(), R()))  # a function of __main__: Ray ships it by value
 
         result["per_call_prometheus_and_ray"] = ray.get(in_a_worker.remote())
         ray.shutdown()

@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import signal
-import sys
 import tempfile
 import threading
 import time
@@ -50,14 +49,12 @@ def main() -> None:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
     os.environ.setdefault("TRITON_INTERPRET", "1")
-    sys.path.insert(0, str(ROOT))
-    os.chdir(ROOT)  # Ray's workers import serve_app, actors and engine from the driver's directory
 
     import ray
     from ray import serve
 
-    import serve_app
-    from engine.tiny_model import build_tiny_checkpoint
+    from gpt2serve import serve_app
+    from gpt2serve.engine.tiny_model import build_tiny_checkpoint
 
     model_dir = Path(args.model_dir or tempfile.mkdtemp(prefix="gpt2-tiny-"))
     if not (model_dir / "config.json").exists():

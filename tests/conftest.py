@@ -1,7 +1,13 @@
 import os
 import time
 
-import torch
+# Under pytest-xdist (the README's inner loop: -n 2) the workers share the cores: each gets its share of threads,
+# or their OpenMP pools spin against each other and the run takes longer than with one process.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    os.environ.setdefault("OMP_NUM_THREADS",
+                          str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+
+import torch  # noqa: E402
 
 # Triton reads this at import: on machines without a GPU its kernels run in the interpreter.
 if not torch.cuda.is_available():
@@ -9,9 +15,9 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from engine import EngineConfig, LLMEngine  # noqa: E402
-from engine.distributed import free_port  # noqa: E402,F401  (the servers tests start listen on it)
-from engine.tiny_model import build_tiny_checkpoint  # noqa: E402
+from gpt2serve import EngineConfig, LLMEngine  # noqa: E402
+from gpt2serve.engine.distributed import free_port  # noqa: E402,F401  (the servers tests start listen on it)
+from gpt2serve.engine.tiny_model import build_tiny_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="session")

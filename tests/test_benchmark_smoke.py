@@ -1,7 +1,7 @@
 """The offline benchmark harness end to end on the CPU: tiny model, W1-W3 scaled down, HF baselines beside ours.
 
 Timings on a CPU mean nothing; what is checked is that every workload runs, every request produced exactly its
-output length, the records carry the fields BENCHMARKS.md asks for, and a failing baseline does not end the job.
+output length, the records carry the fields benchmarks/README.md asks for, and a failing baseline does not end the job.
 """
 
 import json
@@ -9,8 +9,8 @@ import random
 
 import pytest
 
-from benchmarks import offline
-from engine.tiny_model import build_tiny_checkpoint
+from gpt2serve.benchmarks import offline
+from gpt2serve.engine.tiny_model import build_tiny_checkpoint
 
 SCALE = 0.03
 CPU_ENGINE = ["--device", "cpu", "--dtype", "float32", "--engine-arg", "cpu_kv_cache_gib=0.05",

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-import engine.model_runner as model_runner
-from engine import LLM, SamplingParams
-from engine.attention import MAX_CASCADE_GROUPS, find_shared_prefixes
-from engine.cuda_graphs import DecodeGraphs, cascade_bucket_sizes
+import gpt2serve.engine.model_runner as model_runner
+from gpt2serve import LLM, SamplingParams
+from gpt2serve.engine.attention import MAX_CASCADE_GROUPS, find_shared_prefixes
+from gpt2serve.engine.cuda_graphs import DecodeGraphs, cascade_bucket_sizes
 from tests.conftest import engine_config
 
 BS = 4
@@ -140,6 +140,7 @@ def _greedy(llm, prompts, max_tokens):
     return [o.outputs[0].token_ids for o in outs]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter runs only where there is no GPU (conftest); "
                     "test_cascade_graphs_greedy_equals_ordinary_on_the_gpu covers this there")
 def test_cascade_steps_match_ordinary_ones_on_the_cpu(tiny_model_dir, monkeypatch):
@@ -182,8 +183,8 @@ class _EagerGraphs(DecodeGraphs):
 def _compiled_cascade_variants():
     """Compiled variants of the cascade prefix kernel and the merge (in these runs only cascade steps and graph
     captures launch it), from Triton's per-device kernel caches."""
-    from kernels.cascade_attention import _cascade_prefix_kernel
-    from kernels.paged_attention import _merge_splits_kernel
+    from gpt2serve.kernels.cascade_attention import _cascade_prefix_kernel
+    from gpt2serve.kernels.paged_attention import _merge_splits_kernel
 
     return {k.__name__: sum(len(cache[0]) for cache in k.device_caches.values())
             for k in (_cascade_prefix_kernel, _merge_splits_kernel)}

@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from engine import SamplingParams
+from gpt2serve import SamplingParams
 from tests.conftest import hf_greedy, run_staggered, run_to_completion
 
 NEW_TOKENS = 24

@@ -12,13 +12,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from engine.attention import TorchAttentionBackend
-from engine.cuda_graphs import DecodeGraphs
-from engine.kv_manager import cdiv
-from engine.sampling_params import SamplingParams
-from engine.spec_decode.draft_model import DraftModelProposer
-from engine.spec_decode.proposer import PROPOSERS, ProposalRequest, build_proposer
-from engine.tiny_model import build_tiny_checkpoint
+from gpt2serve.engine.attention import TorchAttentionBackend
+from gpt2serve.engine.cuda_graphs import DecodeGraphs
+from gpt2serve.engine.kv_manager import cdiv
+from gpt2serve.engine.sampling_params import SamplingParams
+from gpt2serve.engine.spec_decode.draft_model import DraftModelProposer
+from gpt2serve.engine.spec_decode.proposer import PROPOSERS, ProposalRequest, build_proposer
+from gpt2serve.engine.tiny_model import build_tiny_checkpoint
 from tests.conftest import engine_config, hf_greedy
 
 K = 4
@@ -318,7 +318,7 @@ def test_engine_with_a_draft_model_keeps_the_greedy_output(make_engine, tiny_mod
 def test_triton_kernels_read_the_draft_metadata(tiny_model_dir, hf_model):
     """The Triton attention kernels (in the interpreter) on the draft's metadata: an eager catch-up beside a context,
     and graph passes (replayed eagerly) in which the rows with less to catch up write nothing until their turn."""
-    from engine.attention import get_attention_backend
+    from gpt2serve.engine.attention import get_attention_backend
 
     spec = {"method": "draft_model", "draft_model": str(tiny_model_dir), "num_speculative_tokens": 3,
             "draft_kv_cache_gib": 0.002}
@@ -345,7 +345,7 @@ def test_triton_kernels_read_the_draft_metadata(tiny_model_dir, hf_model):
 def test_gpu_draft_model_in_the_engine(tiny_model_dir, draft_dir, hf_model, draft):
     """On the GPU (Triton kernels, the draft's CUDA graphs, its warm-up, pinned staging), fp32: greedy outputs
     equal HF's, and a draft equal to the target has every proposal accepted; seeded sampling reproduces."""
-    from engine import LLM
+    from gpt2serve import LLM
 
     spec = {"method": "draft_model", "draft_model": str(tiny_model_dir if draft == "target" else draft_dir),
             "num_speculative_tokens": 4, "draft_kv_cache_gib": 0.05}

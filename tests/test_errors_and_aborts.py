@@ -4,8 +4,8 @@ import asyncio
 
 import pytest
 
-from engine import AsyncLLM, InvalidRequestError, SamplingParams
-from engine.request import RequestStatus
+from gpt2serve import AsyncLLM, InvalidRequestError, SamplingParams
+from gpt2serve.engine.request import RequestStatus
 from tests.conftest import run_to_completion
 
 

@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from engine import LLM, SamplingParams
+from gpt2serve import LLM, SamplingParams
 from tests.conftest import engine_config
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

@@ -3,14 +3,16 @@
 import logging
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine import LLM, EngineConfig, LLMEngine, SamplingParams
-from engine.loader import GPT2_FAMILY, load_hf_config
-from engine.tokenizer import ByteTokenizer, _gpt2_byte_order
+from gpt2serve import LLM, EngineConfig, LLMEngine, SamplingParams
+from gpt2serve.engine.loader import GPT2_FAMILY, load_hf_config
+from gpt2serve.engine.tiny_model import build_dummy_model_dir
+from gpt2serve.engine.tokenizer import ByteTokenizer, _gpt2_byte_order
 from tests.conftest import engine_config
 
 
@@ -51,6 +53,28 @@ def test_dummy_weights_need_no_checkpoint_and_warn_about_the_tokenizer(caplog, m
     while engine.has_unfinished():
         engine.step()
     assert engine.kv.all_free()
+
+
+@pytest.mark.slow  # trains a tokenizer of 50,257 entries (seconds) and builds GPT-2 small twice
+def test_default_service_config_answers_text_with_text(tmp_path, monkeypatch):
+    """configs/tiny.yaml's engine on the directory scripts/bootstrap.sh makes (GPT-2 small's config, a BPE tokenizer
+    trained here, dummy weights): a text prompt gets visible text back, where the byte-level fallback (no tokenizer)
+    decodes the same kind of random ids to almost nothing."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tiny_yaml = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+    assert EngineConfig.from_yaml(tiny_yaml).model == "models/gpt2-offline"
+    model = build_dummy_model_dir(tmp_path / "gpt2-offline", like="gpt2")
+    hf = load_hf_config(EngineConfig(model=str(model), load_format="dummy"))
+    assert (hf.n_layer, hf.n_embd, hf.n_head, hf.vocab_size) == (12, 768, 12, 50257)
+    params = SamplingParams(max_tokens=16, seed=0, ignore_eos=True)
+    visible = {}
+    for name, path in (("bpe", str(model)), ("bytes", "gpt2")):
+        llm = LLM(EngineConfig.from_yaml(tiny_yaml, model=path))
+        assert llm.engine.config.load_format == "dummy"
+        text = llm.generate("Hello", params)[0].outputs[0].text
+        assert llm.engine.kv.all_free()
+        visible[name] = sum(not c.isspace() for c in text)
+    assert visible["bpe"] >= 16 > visible["bytes"]
 
 
 @pytest.mark.parametrize("name", sorted(GPT2_FAMILY))
@@ -100,9 +124,10 @@ def test_config_from_serve_yaml_and_plain_yaml(tmp_path):
         EngineConfig(model="gpt2", no_such_setting=1)
 
 
+@pytest.mark.slow  # a fresh interpreter that imports torch and transformers
 def test_cli_streams_a_completion(tiny_model_dir):
     result = subprocess.run(
-        [sys.executable, "-m", "engine", "generate", "--model", str(tiny_model_dir), "--prompt", "def main(",
+        [sys.executable, "-m", "gpt2serve.engine", "generate", "--model", str(tiny_model_dir), "--prompt", "def main(",
          "--max-tokens", "8"], capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 0, result.stderr

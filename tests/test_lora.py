@@ -10,8 +10,8 @@ import random
 import pytest
 import torch
 
-from engine import LLMEngine, SamplingParams
-from engine.lora import LoRAError, UnknownLoRAError
+from gpt2serve import LLMEngine, SamplingParams
+from gpt2serve.engine.lora import LoRAError, UnknownLoRAError
 from tests.conftest import engine_config, hf_greedy, make_peft_adapter, run_to_completion
 
 peft = pytest.importorskip("peft")

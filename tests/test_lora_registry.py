@@ -7,12 +7,12 @@ import random
 
 import pytest
 
-from actors.lora_registry import LoRARegistry, LoRASnapshot, WorkerAdapters
-from actors.protocol import LoRARef
-from engine import SamplingParams
-from engine.async_llm import AsyncLLM
-from engine.config import LoRAModuleConfig
-from engine.lora import LoRAError, UnknownLoRAError
+from gpt2serve.actors.lora_registry import LoRARegistry, LoRASnapshot, WorkerAdapters
+from gpt2serve.actors.protocol import LoRARef
+from gpt2serve import SamplingParams
+from gpt2serve.engine.async_llm import AsyncLLM
+from gpt2serve.engine.config import LoRAModuleConfig
+from gpt2serve.engine.lora import LoRAError, UnknownLoRAError
 from tests.conftest import make_peft_adapter, run_to_completion
 
 pytest.importorskip("peft")
@@ -73,7 +73,7 @@ def prompt():
 @pytest.fixture(scope="module")
 def expected(tiny_model_dir, dirs, prompt):
     """Each adapter's greedy output on the prompt, from an engine that has only that adapter."""
-    from engine import LLMEngine
+    from gpt2serve import LLMEngine
     from tests.conftest import engine_config
 
     out = {}

@@ -9,10 +9,10 @@ import random
 import pytest
 import torch
 
-from engine import LLMEngine, SamplingParams
-from engine.attention import AttentionMetadata
-from engine.distributed import PipelineParallel, shard_range, split_sizes
-from engine.tiny_model import build_tiny_checkpoint
+from gpt2serve import LLMEngine, SamplingParams
+from gpt2serve.engine.attention import AttentionMetadata
+from gpt2serve.engine.distributed import PipelineParallel, shard_range, split_sizes
+from gpt2serve.engine.tiny_model import build_tiny_checkpoint
 from tests.conftest import engine_config, run_to_completion
 
 pytestmark = pytest.mark.timeout(300)
@@ -77,6 +77,7 @@ def _run(model_dir, prompts, params, **parallel):
                                       {"pipeline_parallel_size": 2, "pipeline_micro_batches": 1},
                                       {"pipeline_parallel_size": 2, "pipeline_micro_batches": 3}],
                          ids=["tp2", "pp2", "pp2-micro3"])
+@pytest.mark.slow  # two processes per case, each importing torch
 def test_two_ranks_give_the_single_process_output(odd_heads_model, parallel, monkeypatch):
     rng = random.Random(4)
     prompts = [[rng.randrange(512) for _ in range(n)] for n in (3, 17, 40, 9)]

@@ -7,11 +7,11 @@ import sys
 
 import pytest
 
-from engine import SamplingParams
-from engine.kv_manager import BlockPool, KVCacheManager
-from engine.prefix_cache import block_hashes
-from engine.request import Request
-from policies import SCHEDULING_POLICIES
+from gpt2serve import SamplingParams
+from gpt2serve.engine.kv_manager import BlockPool, KVCacheManager
+from gpt2serve.engine.prefix_cache import block_hashes
+from gpt2serve.engine.request import Request
+from gpt2serve.policies.scheduling import SCHEDULING_POLICIES
 from tests.conftest import hf_greedy, run_staggered, run_to_completion
 
 BS = 4

@@ -15,8 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine import LLMEngine, SamplingParams
-from engine.layers.linear import Linear
+from gpt2serve import LLMEngine, SamplingParams
+from gpt2serve.engine.layers.linear import Linear
 from tests.conftest import engine_config, hf_greedy, run_to_completion
 
 GROUP = 32
@@ -180,7 +180,7 @@ def test_quantized_at_load_gives_the_logits_of_its_dequantized_weights(tiny_mode
 
 
 def test_quantized_weights_take_less_memory(tiny_model_dir):
-    from engine.loader import weight_bytes
+    from gpt2serve.engine.loader import weight_bytes
 
     sizes = {}
     for q in ("none", "int8", "int4"):

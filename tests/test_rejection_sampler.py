@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from engine.spec_decode.rejection import rejection_sample
+from gpt2serve.engine.spec_decode.rejection import rejection_sample
 
 # Chi-square critical values at significance 0.001, by degrees of freedom (a true rule fails 1 run in 1,000).
 CHI2_CRIT_001 = {3: 16.27, 4: 18.47}

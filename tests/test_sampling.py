@@ -7,8 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine import SamplingParams
-from engine.sampler import Sampler, SamplingRow
+from gpt2serve import SamplingParams
+from gpt2serve.engine.sampler import Sampler, SamplingRow
 from tests.conftest import run_to_completion
 
 PROMPTS = [[5, 17, 99, 3], list(range(40, 90)), [7] * 20, [300, 2, 44, 18, 250, 1, 9]]

@@ -4,12 +4,14 @@ import random
 
 import pytest
 
-from engine import EngineConfig, SamplingParams
-from engine.kv_manager import BlockPool, KVCacheManager
-from engine.outputs import ModelRunnerOutput
-from engine.request import Request, RequestStatus
-from engine.scheduler import Scheduler
-from policies import PREEMPTION_POLICIES, SCHEDULING_POLICIES, SWAP_POLICIES
+from gpt2serve import EngineConfig, SamplingParams
+from gpt2serve.engine.kv_manager import BlockPool, KVCacheManager
+from gpt2serve.engine.outputs import ModelRunnerOutput
+from gpt2serve.engine.request import Request, RequestStatus
+from gpt2serve.engine.scheduler import Scheduler
+from gpt2serve.policies.preemption import PREEMPTION_POLICIES
+from gpt2serve.policies.scheduling import SCHEDULING_POLICIES
+from gpt2serve.policies.swap import SWAP_POLICIES
 
 
 class FakeClock:

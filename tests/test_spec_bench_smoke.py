@@ -9,8 +9,8 @@ import json
 
 import pytest
 
-from benchmarks import spec_decode_gpu
-from engine import LLM
+from gpt2serve.benchmarks import spec_decode_gpu
+from gpt2serve import LLM
 from tests.conftest import engine_config
 
 

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from engine import SamplingParams
+from gpt2serve import SamplingParams
 from tests.conftest import hf_greedy, run_to_completion
 
 NEW = 24
@@ -140,7 +140,7 @@ class WrongProposer:
         self.vocab = vocab
 
     def propose(self, batch):
-        from engine.spec_decode.proposer import Proposal
+        from gpt2serve.engine.spec_decode.proposer import Proposal
 
         return {r.req_id: Proposal([(r.token_ids[-1] + 1 + i) % self.vocab for i in range(r.num_tokens)])
                 for r in batch}

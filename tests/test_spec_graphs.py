@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-import engine.model_runner as model_runner
-from engine import SamplingParams
-from engine.cuda_graphs import DecodeGraphs, verify_bucket_sizes, verify_layout
-from kernels.attention_ref import paged_attention_ref
-from kernels.paged_attention import paged_attention
+import gpt2serve.engine.model_runner as model_runner
+from gpt2serve import SamplingParams
+from gpt2serve.engine.cuda_graphs import DecodeGraphs, verify_bucket_sizes, verify_layout
+from gpt2serve.kernels.attention_ref import paged_attention_ref
+from gpt2serve.kernels.paged_attention import paged_attention
 from tests.conftest import hf_greedy, run_to_completion
 
 # --- layout -------------------------------------------------------------------------------------------------
@@ -192,9 +192,9 @@ GREEDY = SamplingParams(max_tokens=NEW, temperature=0, ignore_eos=True)
 @pytest.mark.parametrize("backend, num_prompts, max_num_seqs", [
     ("torch", 7, 8),
     # The Triton kernels through the interpreter, on fewer requests (~15 s).
-    pytest.param("triton", 4, 4, marks=pytest.mark.skipif(
+    pytest.param("triton", 4, 4, marks=[pytest.mark.slow, pytest.mark.skipif(
         torch.cuda.is_available(), reason="the interpreter runs only where there is no GPU (conftest); "
-        "test_verify_graphs_on_the_gpu covers this there")),
+        "test_verify_graphs_on_the_gpu covers this there")]),
 ])
 def test_verify_graph_steps_equal_hf(make_engine, prompts_and_reference, monkeypatch, backend, num_prompts,
                                      max_num_seqs):
@@ -231,7 +231,7 @@ def test_verify_graphs_equal_eager_and_no_speculation(make_engine, prompts_and_r
 
 def test_oversize_steps_stay_eager(make_engine, prompts_and_reference, monkeypatch):
     # A ladder that stops at 2 requests: two requests replay verify graphs, seven verify eagerly.
-    monkeypatch.setattr("engine.cuda_graphs.VERIFY_GRAPH_MAX_TOKENS", 8)
+    monkeypatch.setattr("gpt2serve.engine.cuda_graphs.VERIFY_GRAPH_MAX_TOKENS", 8)
     prompts, reference = prompts_and_reference
     engine = make_engine(**ngram(3), max_num_batched_tokens=512)
     runner = _with_eager_graphs(engine)

@@ -1,4 +1,4 @@
-"""`python -m engine tour`: each demo at small sizes, checked for the property it is there to show.
+"""`python -m gpt2serve.engine tour`: each demo at small sizes, checked for the property it is there to show.
 
 Each demo asserts after every run that its KV pool is entirely free (``engine.tour.run``), and the fixture below
 checks every engine a demo built once more at the end; the tests check the counts that do not depend on the
@@ -11,7 +11,7 @@ import logging
 import pytest
 from transformers.utils import logging as hf_logging
 
-from engine import tour
+from gpt2serve.engine import tour
 
 
 @pytest.fixture(autouse=True)
@@ -92,7 +92,7 @@ def test_greedy_repeats_and_seeds_differ(tiny_model_dir):
 
 
 def test_tour_command_writes_its_rows(tiny_model_dir, tmp_path, monkeypatch, capsys):
-    from engine import __main__
+    from gpt2serve.engine import __main__
 
     sizes = {"kv_cache": dict(prompt_len=4, new_tokens=4), "batched_prefill": dict(k=2, prompt_len=4),
              "continuous_batching": dict(long_tokens=4, short_tokens=1), "sampling": dict(new_tokens=4)}

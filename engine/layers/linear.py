@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.layers.quantization import LinearMethod
+from gpt2serve.engine.layers.quantization import LinearMethod
 
 # The sorted LoRA path groups a step's rows by slot; the grouping depends only on the step's slot ids, so every
 # layer of the step shares one: (slot ids tensor, captured into a graph or not, its LoraSegments).
@@ -19,7 +19,7 @@ _step_segments: tuple | None = None
 
 
 def _segments_of_step(slots: torch.Tensor, num_slots: int):
-    from kernels.lora import MASKED_MAX_ROWS, lora_segments
+    from gpt2serve.kernels.lora import MASKED_MAX_ROWS, lora_segments
 
     global _step_segments
     if slots.shape[0] <= MASKED_MAX_ROWS:
@@ -63,12 +63,12 @@ class Linear(nn.Module):
         h = norm(x) if norm is not None else x
         y = self.method.apply(self, h, None, None, residual if activation is None else None)
         if h.is_cuda:
-            from kernels.lora import apply_lora
+            from gpt2serve.kernels.lora import apply_lora
 
             apply_lora(h, y, self.lora_a, self.lora_b, lora_slots,
                        segments=_segments_of_step(lora_slots, self.lora_a.shape[0]))
         else:  # the CPU tests' tiny models: the reference is fast enough and exact
-            from kernels.lora import lora_delta_ref
+            from gpt2serve.kernels.lora import lora_delta_ref
 
             rows = lora_slots >= 0
             if bool(rows.any()):
@@ -83,7 +83,7 @@ class Linear(nn.Module):
         and the rows and graph capture for which ``LinearMethod.apply`` fuses the plain layer."""
         if type(self.method) is not LinearMethod or not x.is_cuda or not torch.cuda.is_current_stream_capturing():
             return False
-        from kernels.decode_linear import use_fused_linear
+        from gpt2serve.kernels.decode_linear import use_fused_linear
 
         return use_fused_linear(x.shape[0], x.device)
 
@@ -91,7 +91,7 @@ class Linear(nn.Module):
         """One launch, as without LoRA: the fused linear's own producer programs compute the shrink (the
         LayerNorm folded in) beside its weight stream, and its epilogue adds the delta before the activation, so
         LayerNorm, bias, GELU and residual stay in the one kernel."""
-        from kernels.decode_linear import LoraDelta, fused_linear
+        from gpt2serve.kernels.decode_linear import LoraDelta, fused_linear
 
         return fused_linear(x, self.weight, self.bias, ln_weight=norm.weight if norm is not None else None,
                             ln_bias=norm.bias if norm is not None else None,

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from engine.distributed import TensorParallel
-from engine.layers.linear import Conv1DLinear
-from engine.layers.quantization import LinearMethod
+from gpt2serve.engine.distributed import TensorParallel
+from gpt2serve.engine.layers.linear import Conv1DLinear
+from gpt2serve.engine.layers.quantization import LinearMethod
 
 
 def _check_dense(name: str) -> None:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from policies.registry import Registry
+from gpt2serve.policies.registry import Registry
 
 QUANT_METHODS: Registry["LinearMethod"] = Registry("quantization")
 
@@ -70,7 +70,7 @@ class LinearMethod:
         fusion saves, so eager steps use the plain PyTorch ops.
         """
         if x.is_cuda and torch.cuda.is_current_stream_capturing():
-            from kernels.decode_linear import fused_linear, use_fused_linear
+            from gpt2serve.kernels.decode_linear import fused_linear, use_fused_linear
 
             if use_fused_linear(x.shape[0], x.device):
                 return fused_linear(
@@ -130,7 +130,7 @@ class Int8Method(_QuantizedMethod):
         layer.scales = _param(layer.out_features, dtype=torch.get_default_dtype())
 
     def load(self, layer, name, tensor, transposed):
-        from kernels.quant_linear import quantize_int8
+        from gpt2serve.kernels.quant_linear import quantize_int8
 
         if name != "weight":
             raise ValueError(f"unexpected checkpoint tensor {name!r} for an int8 linear layer")
@@ -149,7 +149,7 @@ class Int8Method(_QuantizedMethod):
         return y if layer.bias is None else y + layer.bias
 
     def kernel(self, layer, x, activation, residual):
-        from kernels.quant_linear import int8_linear
+        from gpt2serve.kernels.quant_linear import int8_linear
 
         return int8_linear(x, layer.qweight, layer.scales, bias=layer.bias, activation=activation,
                            residual=residual)
@@ -182,7 +182,7 @@ class Int4Method(_QuantizedMethod):
         layer.perm = None  # act-order GPTQ only
 
     def load(self, layer, name, tensor, transposed):
-        from kernels.quant_linear import quantize_int4
+        from gpt2serve.kernels.quant_linear import quantize_int4
 
         if name != "weight":
             raise ValueError(f"unexpected checkpoint tensor {name!r} for an int4 linear layer")
@@ -197,7 +197,7 @@ class Int4Method(_QuantizedMethod):
             layer.perm = nn.Parameter(perm.to(layer.qweight.device, torch.int32), requires_grad=False)
 
     def dense_weight(self, layer, dtype=torch.float32):
-        from kernels.quant_linear import dequantize_int4
+        from gpt2serve.kernels.quant_linear import dequantize_int4
 
         w = dequantize_int4(layer.qweight, layer.scales, layer.zeros, self.group_size).to(dtype)
         if layer.perm is not None:  # stored columns are the input features in ``perm`` order
@@ -205,7 +205,7 @@ class Int4Method(_QuantizedMethod):
         return w
 
     def kernel(self, layer, x, activation, residual):
-        from kernels.quant_linear import int4_linear
+        from gpt2serve.kernels.quant_linear import int4_linear
 
         return int4_linear(x, layer.qweight, layer.scales, layer.zeros, self.group_size, bias=layer.bias,
                            activation=activation, residual=residual, perm=layer.perm)
@@ -240,7 +240,7 @@ class _CheckpointInt4Method(Int4Method):
         perm = self.input_order(parts.get("g_idx"), k)
         if perm is not None:
             q = q[perm]
-        from kernels.quant_linear import pack_int4
+        from gpt2serve.kernels.quant_linear import pack_int4
 
         self._store(layer, pack_int4(q.t().contiguous()), scales.t().to(layer.scales.dtype),
                     zeros.t().to(layer.zeros.dtype), perm)

@@ -12,12 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.attention import AttentionBackend, AttentionMetadata
-from engine.distributed import PipelineParallel, TensorParallel, shard_range
-from engine.layers.basic import Embedding, LayerNorm
-from engine.layers.linear import Conv1DLinear, Linear
-from engine.layers.parallel import ColumnParallelConv1D, RowParallelConv1D
-from engine.layers.quantization import LinearMethod
+from gpt2serve.engine.attention import AttentionBackend, AttentionMetadata
+from gpt2serve.engine.distributed import PipelineParallel, TensorParallel, shard_range
+from gpt2serve.engine.layers.basic import Embedding, LayerNorm
+from gpt2serve.engine.layers.linear import Conv1DLinear, Linear
+from gpt2serve.engine.layers.parallel import ColumnParallelConv1D, RowParallelConv1D
+from gpt2serve.engine.layers.quantization import LinearMethod
 
 
 class GPT2Attention(nn.Module):

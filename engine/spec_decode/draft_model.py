@@ -23,14 +23,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from engine.attention import AttentionMetadata
-from engine.cuda_graphs import DecodeGraphs
-from engine.kv_manager import BlockPool, cdiv
-from engine.loader import load_hf_config, load_model
-from engine.model_runner import HostStaging
-from engine.sampling_params import SamplingParams
-from engine.spec_decode.draft_sampling import DraftSampling
-from engine.spec_decode.proposer import PROPOSERS, Proposal, ProposalRequest, Proposer
+from gpt2serve.engine.attention import AttentionMetadata
+from gpt2serve.engine.cuda_graphs import DecodeGraphs
+from gpt2serve.engine.kv_manager import BlockPool, cdiv
+from gpt2serve.engine.loader import load_hf_config, load_model
+from gpt2serve.engine.model_runner import HostStaging
+from gpt2serve.engine.sampling_params import SamplingParams
+from gpt2serve.engine.spec_decode.draft_sampling import DraftSampling
+from gpt2serve.engine.spec_decode.proposer import PROPOSERS, Proposal, ProposalRequest, Proposer
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from engine.sampler import Sampler, SamplingRow, exponential_race
-from engine.spec_decode.proposer import ProposalRequest
+from gpt2serve.engine.sampler import Sampler, SamplingRow, exponential_race
+from gpt2serve.engine.spec_decode.proposer import ProposalRequest
 
 # Seeded draft draws are keyed like the target's, (seed, sample index, output position), then salted: with the
 # target's own noise at the same position, a proposal and the rejection rule's draws there would be correlated,

@@ -4,7 +4,7 @@ retrieval answers, summaries)."""
 
 from __future__ import annotations
 
-from engine.spec_decode.proposer import PROPOSERS, Proposal, ProposalRequest, Proposer
+from gpt2serve.engine.spec_decode.proposer import PROPOSERS, Proposal, ProposalRequest, Proposer
 
 
 @PROPOSERS.register("ngram")

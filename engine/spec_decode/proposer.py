@@ -13,8 +13,8 @@ from typing import Iterable
 
 import torch
 
-from engine.sampling_params import SamplingParams
-from policies.registry import Registry
+from gpt2serve.engine.sampling_params import SamplingParams
+from gpt2serve.policies.registry import Registry
 
 
 @dataclass
@@ -60,9 +60,9 @@ def build_proposer(config, device: torch.device, dtype: torch.dtype, backend) ->
     if spec is None:
         return None
     if spec.method == "ngram":
-        from engine.spec_decode.ngram import NgramProposer
+        from gpt2serve.engine.spec_decode.ngram import NgramProposer
 
         return NgramProposer(spec.prompt_lookup_min, spec.prompt_lookup_max)
-    from engine.spec_decode.draft_model import DraftModelProposer
+    from gpt2serve.engine.spec_decode.draft_model import DraftModelProposer
 
     return DraftModelProposer(config, device, dtype, backend)

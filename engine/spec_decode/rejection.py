@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.sampler import exponential_race
+from gpt2serve.engine.sampler import exponential_race
 
 
 def rejection_sample(

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.ray, pytest.mark.cluster, pytest.mark.timeout(300)]
 
 SCRIPT = Path(__file__).with_name("two_node_scenario.py")
 REPO = SCRIPT.parents[2]

@@ -248,7 +248,7 @@ def scenario(model_dir: Path, result: dict[str, Any]) -> None:
     from ray import serve
     from ray.cluster_utils import Cluster
 
-    import serve_app
+    from gpt2serve import serve_app
 
     t0 = time.monotonic()
     cluster = Cluster(initialize_head=True, head_node_args={
@@ -299,7 +299,7 @@ def main() -> int:
         if len(sys.argv) > 1:
             scenario(Path(sys.argv[1]), result)
         else:
-            from engine.tiny_model import build_tiny_checkpoint
+            from gpt2serve.engine.tiny_model import build_tiny_checkpoint
 
             with tempfile.TemporaryDirectory() as tmp:
                 scenario(build_tiny_checkpoint(Path(tmp) / "gpt2-tiny"), result)

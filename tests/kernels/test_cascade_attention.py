@@ -14,13 +14,13 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from engine.attention import MAX_CASCADE_GROUPS, AttentionMetadata, find_shared_prefixes  # noqa: E402
-from engine.cuda_graphs import CascadeBuffers  # noqa: E402
-from kernels.attention_ref import paged_attention_ref, write_kv_ref  # noqa: E402
-from kernels import cascade_attention as ca  # noqa: E402
-from kernels.cascade_attention import cascade_attention  # noqa: E402
-from kernels.paged_attention import paged_attention  # noqa: E402
-from kernels.triton_backend import TritonAttentionBackend  # noqa: E402
+from gpt2serve.engine.attention import MAX_CASCADE_GROUPS, AttentionMetadata, find_shared_prefixes  # noqa: E402
+from gpt2serve.engine.cuda_graphs import CascadeBuffers  # noqa: E402
+from gpt2serve.kernels.attention_ref import paged_attention_ref, write_kv_ref  # noqa: E402
+from gpt2serve.kernels import cascade_attention as ca  # noqa: E402
+from gpt2serve.kernels.cascade_attention import cascade_attention  # noqa: E402
+from gpt2serve.kernels.paged_attention import paged_attention  # noqa: E402
+from gpt2serve.kernels.triton_backend import TritonAttentionBackend  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -310,7 +310,7 @@ def test_gpu_one_captured_graph_replays_any_plan_that_fits():
     # One CUDA graph of the three launches over fixed-capacity buffers (620 rows padded to 624), replayed after
     # filling in plans of 4 groups (two of the six capped), 1 group, and 4 groups again: each equals the ordinary
     # kernel on the real rows.
-    from kernels.cascade_attention import bucket_splits
+    from gpt2serve.kernels.cascade_attention import bucket_splits
 
     dtype, max_len = torch.float16, 2048
     groups = [(32, _suffixes(100, 64, 192, g)) for g in range(6)]

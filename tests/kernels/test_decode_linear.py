@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from tests.kernels.kernel_testing import DEVICE, interpreter_only, needs_gpu, randn as _randn, rel_err as _rel_err  # noqa: F401
-from kernels import decode_linear as dl  # noqa: E402
-from kernels.decode_linear import fused_linear, fused_linear_ref, use_fused_linear  # noqa: E402
+from gpt2serve.kernels import decode_linear as dl  # noqa: E402
+from gpt2serve.kernels.decode_linear import fused_linear, fused_linear_ref, use_fused_linear  # noqa: E402
 
 
 def _problem(m, k, n, *, ln, bias, gelu, res, dtype=torch.float32, seed=0, device=DEVICE):

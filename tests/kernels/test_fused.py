@@ -8,7 +8,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from kernels.fused import add_layernorm, add_layernorm_ref, bias_gelu, bias_gelu_ref  # noqa: E402
+from gpt2serve.kernels.fused import add_layernorm, add_layernorm_ref, bias_gelu, bias_gelu_ref  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

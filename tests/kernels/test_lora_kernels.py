@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from tests.kernels.kernel_testing import DEVICE, interpreter_only, needs_gpu, randn as _randn, rel_err as _rel_err  # noqa: F401
-from kernels import lora  # noqa: E402
-from kernels.decode_linear import LoraDelta, fused_linear, fused_linear_ref  # noqa: E402
-from kernels.lora import (apply_lora, lora_delta_ref, lora_expand, lora_segments, lora_shrink,  # noqa: E402
-                          lora_shrink_partials)
+from gpt2serve.kernels import lora  # noqa: E402
+from gpt2serve.kernels.decode_linear import LoraDelta, fused_linear, fused_linear_ref  # noqa: E402
+from gpt2serve.kernels.lora import (  # noqa: E402
+    apply_lora, lora_delta_ref, lora_expand, lora_segments, lora_shrink, lora_shrink_partials,
+)
 
 
 def _slots(t, s, seed, device=DEVICE):
@@ -284,13 +285,13 @@ def _decode_layer_case(m, k, n, r, s, seed, dtype=torch.float32):
     return x, a, b, res, w, bias, g, beta, ids
 
 
-@pytest.mark.parametrize("m,k,n", [(1, 100, 70), (3, 72, 40), (7, 100, 52)])
+@pytest.mark.parametrize("m,k,n", [pytest.param(1, 100, 70, marks=pytest.mark.slow), (3, 72, 40), (7, 100, 52)])
 def test_fused_linear_adds_the_lora_delta_before_the_activation(m, k, n, monkeypatch):
     """fused_linear(lora=...) == GELU(LN(x) @ W.T + bias + lora(LN(x))) + residual, with h given (LN-folded
     partials of a separate shrink) or computed by the kernel's own producers (several of them here, one with no
     chunk at all), on every fused_linear path the row count allows; rows without adapter come back bit-identical
     to the layer without LoRA; the reference fused_linear_ref(lora=...) agrees."""
-    from kernels import decode_linear
+    from gpt2serve.kernels import decode_linear
 
     monkeypatch.setattr(decode_linear, "LORA_PRODUCER_MIN_K", 32)
     assert decode_linear.lora_producers(k) == k // 32
@@ -333,7 +334,7 @@ def test_fused_linear_lora_without_norm_and_fp16():
 
 def _lora_counters():
     """The in-kernel producers' two counters (zero between launches)."""
-    from kernels import decode_linear
+    from gpt2serve.kernels import decode_linear
 
     return torch.cat([torch.zeros(0, dtype=torch.int32)] + [c[-2:].cpu() for c in decode_linear._COUNTERS.values()])
 
@@ -341,7 +342,7 @@ def _lora_counters():
 def test_linear_applies_lora_only_where_targeted():
     """A Linear runs LoRA only when some loaded adapter targets it (``lora_targeted``, marked by the runner):
     others skip the kernels, whatever their slot stacks hold (zeros in the engine)."""
-    from engine.layers.linear import Linear
+    from gpt2serve.engine.layers.linear import Linear
 
     k, n, r, s, t = 24, 20, 4, 2, 5
     x, a, b, _ = _problem(t, k, n, r, s, seed=91, device="cpu")
@@ -432,9 +433,9 @@ def test_gpu_decode_layers_in_a_graph(layer):
     compute the LN-folded shrink and whose epilogue adds the delta) at 1, 4 and 10 rows, against the fp32
     reference; replayed with new slots and x written in place (the producers' counters re-armed after every
     replay); rows without adapter bit-identical to the same graph without LoRA."""
-    from engine.layers.basic import LayerNorm
-    from engine.layers.linear import Linear
-    from kernels.decode_linear import reserve_scratch
+    from gpt2serve.engine.layers.basic import LayerNorm
+    from gpt2serve.engine.layers.linear import Linear
+    from gpt2serve.kernels.decode_linear import reserve_scratch
 
     reserve_scratch("cuda")  # as DecodeGraphs does: the in-kernel producers' counters exist before capture
     k, n = XL_SHAPES[layer]
@@ -490,7 +491,7 @@ def test_gpu_decode_layers_in_a_graph(layer):
 def test_gpu_one_grouping_per_step(monkeypatch):
     """Above MASKED_MAX_ROWS the layers of a step share one lora_segments launch (keyed by the step's slot ids
     tensor), and a new step's tensor gets its own."""
-    from engine.layers.linear import Linear
+    from gpt2serve.engine.layers.linear import Linear
 
     calls = []
     real = lora.lora_segments

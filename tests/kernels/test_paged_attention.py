@@ -14,11 +14,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from engine.attention import AttentionMetadata  # noqa: E402
-from kernels.attention_ref import paged_attention_ref, write_kv_ref  # noqa: E402
-from kernels.kv_write import write_kv  # noqa: E402
-from kernels.paged_attention import default_num_splits, paged_attention  # noqa: E402
-from kernels.triton_backend import TritonAttentionBackend  # noqa: E402
+from gpt2serve.engine.attention import AttentionMetadata  # noqa: E402
+from gpt2serve.kernels.attention_ref import paged_attention_ref, write_kv_ref  # noqa: E402
+from gpt2serve.kernels.kv_write import write_kv  # noqa: E402
+from gpt2serve.kernels.paged_attention import default_num_splits, paged_attention  # noqa: E402
+from gpt2serve.kernels.triton_backend import TritonAttentionBackend  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -223,7 +223,7 @@ def test_backend_forward_writes_then_attends():
 
 
 def test_split_heuristic(monkeypatch):
-    import kernels.paged_attention as pa
+    import gpt2serve.kernels.paged_attention as pa
 
     monkeypatch.setitem(pa._SM_COUNT, 0, 132)
     gpu = torch.device("cuda", 0)

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from tests.kernels.kernel_testing import DEVICE, interpreter_only, needs_gpu, randn as _randn, rel_err as _rel_err  # noqa: F401
-from kernels import decode_linear as dl  # noqa: E402
-from kernels import quant_linear as ql  # noqa: E402
+from gpt2serve.kernels import decode_linear as dl  # noqa: E402
+from gpt2serve.kernels import quant_linear as ql  # noqa: E402
 
 
 def _check(y, ref, tol):

@@ -1,6 +1,6 @@
 """One real Ray Serve application with the tiny model, started once for the whole tests/serve session.
 
-Starting Ray and Serve costs ~15 s, so every end-to-end test shares this app (see ../shared/ENVIRONMENT.md):
+Starting Ray and Serve costs ~15 s, so every end-to-end test shares this app:
 a local Ray instance with auth off, replicas reserving a quarter CPU each, the HTTP proxy on a free port of
 127.0.0.1 (other people's services on this machine may hold 8000). Tests that break the app (killing
 workers) live in test_worker_death.py, which runs last.
@@ -87,7 +87,7 @@ def side_app(service: Service, name: str, route: str, engine: dict, workers: int
     heartbeats): yields its ``Service`` once its workers registered, deletes it afterwards."""
     from ray import serve
 
-    import serve_app
+    from gpt2serve import serve_app
 
     quarter = {"ray_actor_options": {"num_cpus": 0.25}}
     serve.run(serve_app.build_app({
@@ -107,7 +107,7 @@ def service(tiny_model_dir):
     import ray
     from ray import serve
 
-    import serve_app
+    from gpt2serve import serve_app
 
     engine = engine_config(tiny_model_dir, **ENGINE_OVERRIDES)
     port = free_port()

@@ -2,10 +2,10 @@
 
 import pytest
 
-from actors.admission import Dispatcher, QueueFullError, RequestTooLargeError
-from actors.protocol import QueuedRequest
-from actors.routing import ROUTING_POLICIES, LeastLoadedPolicy
-from policies import SCHEDULING_POLICIES
+from gpt2serve.actors.admission import Dispatcher, QueueFullError, RequestTooLargeError
+from gpt2serve.actors.protocol import QueuedRequest
+from gpt2serve.actors.routing import ROUTING_POLICIES, LeastLoadedPolicy
+from gpt2serve.policies.scheduling import SCHEDULING_POLICIES
 
 
 class Clock:

@@ -14,7 +14,7 @@ import pytest
 
 from tests.serve.conftest import run
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(240)]
 
 APP = "gpt2-autoscale"
 MODEL = "tiny-autoscale"
@@ -24,7 +24,7 @@ MODEL = "tiny-autoscale"
 def autoscaled(service):
     from ray import serve
 
-    import serve_app
+    from gpt2serve import serve_app
 
     quarter = {"ray_actor_options": {"num_cpus": 0.25}}
     engine = service.engine.model_copy(update={"max_num_seqs": 4}).model_dump(mode="json")

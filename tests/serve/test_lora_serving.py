@@ -21,7 +21,7 @@ from tests.conftest import make_peft_adapter
 from tests.serve.conftest import MODEL_NAME, Service, parse_sse, side_app
 
 pytest.importorskip("peft")
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 
 APP, ROUTE = "gpt2-lora", "/lora"
 NEW = 24
@@ -55,7 +55,7 @@ def prompts():
 @pytest.fixture(scope="module")
 def expected(service, dirs, prompts):
     """(directory key or None, prompt index, max_tokens) -> the text an engine alone generates."""
-    from engine import LLM, EngineConfig, SamplingParams
+    from gpt2serve import LLM, EngineConfig, SamplingParams
 
     keys = [None, *ADAPTERS]
     llm = LLM(EngineConfig(**{

@@ -6,10 +6,10 @@ from types import SimpleNamespace
 import pytest
 from pydantic import ValidationError
 
-from actors import openai_api as oa
-from actors.protocol import TokenLogprob
-from actors.replica_router import PinnedReplicaRouter
-from engine.errors import InvalidRequestError
+from gpt2serve.actors import openai_api as oa
+from gpt2serve.actors.protocol import TokenLogprob
+from gpt2serve.actors.replica_router import PinnedReplicaRouter
+from gpt2serve.engine.errors import InvalidRequestError
 
 
 class Chars:

@@ -7,7 +7,7 @@ import pytest
 
 from tests.serve.conftest import MODEL_NAME, side_app
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(180)]
 
 APP, ROUTE = "gpt2-tp2", "/tp2"
 PROMPTS = ["the river and the market", "a song of night", "price"]
@@ -22,7 +22,7 @@ def tp_app(service):
 def test_tensor_parallel_worker_answers_as_one_process(tp_app, service):
     from ray.util.placement_group import placement_group_table
 
-    from engine import LLM, SamplingParams
+    from gpt2serve import LLM, SamplingParams
 
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     want = [o.outputs[0].text for o in LLM(service.engine).generate(PROMPTS, params)]

@@ -14,7 +14,7 @@ import pytest
 from tests.conftest import wait_for
 from tests.serve.conftest import MODEL_NAME
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.ray, pytest.mark.browser, pytest.mark.timeout(120)]
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -171,8 +171,8 @@ def test_bad_input_shows_the_api_error(page, api, field, value):
 
 def test_live_view_rates_from_counters():
     """The stats endpoint's arithmetic, without Ray or a browser: sums over workers, rates over the window."""
-    from actors.ingress import LiveView
-    from engine.metrics import WORKER_METRICS, PrometheusBackend
+    from gpt2serve.actors.ingress import LiveView
+    from gpt2serve.engine.metrics import WORKER_METRICS, PrometheusBackend
 
     def families(tokens: float, dollars: float) -> list:
         backend = PrometheusBackend()

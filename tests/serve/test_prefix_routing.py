@@ -24,7 +24,7 @@ import pytest
 
 from tests.serve.conftest import CHANNEL_IDLE_S, MODEL_NAME, Service
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(180)]
 
 NUM_PREFIXES, PREFIX_BLOCKS, OWN_TOKENS, MAX_TOKENS, FOLLOWER_WAVES = 4, 12, 8, 8, 11
 BLOCK = 16
@@ -53,7 +53,7 @@ def apps(service):
     """Both applications, deployed side by side in the session's Serve instance; deleted afterwards."""
     from ray import serve
 
-    import serve_app
+    from gpt2serve import serve_app
 
     quarter = {"ray_actor_options": {"num_cpus": 0.25}}
     engine = service.engine.model_copy(update={"num_gpu_blocks": POOL_BLOCKS}).model_dump(mode="json")

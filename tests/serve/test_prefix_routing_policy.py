@@ -6,13 +6,13 @@ from prometheus_client.core import CollectorRegistry
 from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from actors.admission import Dispatcher
-from actors.metrics import SnapshotCollector
-from actors.prefix_index import CacheReport, PrefixIndex, prompt_hashes
-from actors.protocol import QueuedRequest
-from actors.routing import ROUTING_POLICIES, REASONS, LeastLoadedPolicy, PrefixAwarePolicy
-from actors.settings import ServiceConfig
-from policies import SCHEDULING_POLICIES
+from gpt2serve.actors.admission import Dispatcher
+from gpt2serve.actors.metrics import SnapshotCollector
+from gpt2serve.actors.prefix_index import CacheReport, PrefixIndex, prompt_hashes
+from gpt2serve.actors.protocol import QueuedRequest
+from gpt2serve.actors.routing import ROUTING_POLICIES, REASONS, LeastLoadedPolicy, PrefixAwarePolicy
+from gpt2serve.actors.settings import ServiceConfig
+from gpt2serve.policies.scheduling import SCHEDULING_POLICIES
 
 BS = 16
 
@@ -326,8 +326,8 @@ def test_stale_snapshots_are_ignored(stale):
 def test_the_ingress_sends_block_hashes_only_when_routing_reads_them():
     import asyncio
 
-    from actors.protocol import LoRARef
-    from actors.streams import Streams
+    from gpt2serve.actors.protocol import LoRARef
+    from gpt2serve.actors.streams import Streams
     from tests.serve.test_streams import FakeScheduler, FakeWorker, params, settle
 
     async def admitted(hash_block_size, lora=None):

@@ -12,11 +12,11 @@ import time
 import httpx
 import pytest
 
-from engine import LLM, SamplingParams
+from gpt2serve import LLM, SamplingParams
 from tests.serve.conftest import CHANNEL_IDLE_S, MAX_QUEUED, MODEL_NAME, NUM_WORKERS, parse_sse, run, stream_events
 
 # The first test also pays for starting Ray and Serve.
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(180)]
 
 PROMPTS = [
     "def main(", "import os\n", "class Parser:", "The quick brown fox", "return self.", "for i in range(",

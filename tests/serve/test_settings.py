@@ -5,10 +5,10 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-import serve_app
-from actors.autoscaling import POLICY_PATH, desired_replicas, engine_load_policy
-from actors.settings import DEFAULT_MAX_ONGOING, ServiceConfig
-from engine.config import EngineConfig
+from gpt2serve import serve_app
+from gpt2serve.actors.autoscaling import POLICY_PATH, desired_replicas, engine_load_policy
+from gpt2serve.actors.settings import DEFAULT_MAX_ONGOING, ServiceConfig
+from gpt2serve.engine.config import EngineConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted(ROOT.glob("configs/*.yaml"))
@@ -50,7 +50,7 @@ def test_load_format_from_environment_and_from_arguments():
     env = {"GPT2SERVE_LOAD_FORMAT": "dummy", "GPT2SERVE_NUM_GPU_BLOCKS": "64", "GPT2SERVE_NOT_A_FIELD": "x"}
     cfg = ServiceConfig.from_args(base, env=env)
     assert (cfg.engine.load_format, cfg.engine.num_gpu_blocks) == ("dummy", 64)
-    # `serve run serve_app:build_app config=... load_format=dummy max_queued_requests=8`: strings, typed here;
+    # `serve run gpt2serve.serve_app:build_app config=... load_format=dummy max_queued_requests=8`: strings, typed here;
     # arguments win over the environment.
     cfg = ServiceConfig.from_args({**base, "load_format": "safetensors", "max_queued_requests": "8"},
                                   env={"GPT2SERVE_LOAD_FORMAT": "dummy"})

@@ -9,10 +9,10 @@ import asyncio
 
 import pytest
 
-from actors.openai_api import APIError
-from actors.protocol import Admission, Refusal, SeqDelta, StepItem, WorkerError
-from actors.streams import Streams
-from engine.sampling_params import SamplingParams
+from gpt2serve.actors.openai_api import APIError
+from gpt2serve.actors.protocol import Admission, Refusal, SeqDelta, StepItem, WorkerError
+from gpt2serve.actors.streams import Streams
+from gpt2serve.engine.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -12,7 +12,7 @@ import ray
 
 from tests.serve.conftest import MODEL_NAME, NUM_WORKERS
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(180)]
 
 
 def holder(stats: dict[str, dict], request_prefix: str) -> str | None:

@@ -15,8 +15,8 @@ import pytest
 
 pytest.importorskip("grafana_foundation_sdk", reason="pip install grafana-foundation-sdk (the dashboards' builder)")
 
-from dashboards import build, provision  # noqa: E402
-from engine.metrics import METRICS  # noqa: E402
+from gpt2serve.dashboards import build, provision  # noqa: E402
+from gpt2serve.engine.metrics import METRICS  # noqa: E402
 
 
 def test_committed_json_is_what_the_code_builds():
@@ -25,7 +25,7 @@ def test_committed_json_is_what_the_code_builds():
     assert set(committed) == set(build.DASHBOARDS)
     for name, model in built.items():
         assert build.render(model) == (build.OUT / f"{name}.json").read_text(), \
-            f"dashboards/json/{name}.json is stale: python -m dashboards.build"
+            f"dashboards/json/{name}.json is stale: python -m gpt2serve.dashboards.build"
 
 
 def test_json_round_trips_through_the_sdk_models():

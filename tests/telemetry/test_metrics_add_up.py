@@ -9,7 +9,7 @@ import pytest
 
 from tests.telemetry.conftest import PRICE_PER_GPU_HOUR, by_replica, scrape, total, wait_for, wait_idle
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 
 HISTOGRAMS = ("time_to_first_token_seconds", "time_per_output_token_seconds", "e2e_request_latency_seconds",
               "request_queue_time_seconds", "request_cost_dollars")

@@ -14,11 +14,11 @@ import pytest
 
 pytest.importorskip("grafana_foundation_sdk", reason="pip install grafana-foundation-sdk (the dashboards' builder)")
 
-from dashboards.build import PREFIXES  # noqa: E402
-from dashboards.provision import load_dashboards  # noqa: E402
+from gpt2serve.dashboards.build import PREFIXES  # noqa: E402
+from gpt2serve.dashboards.provision import load_dashboards  # noqa: E402
 from tests.telemetry.conftest import get, wait_for  # noqa: E402
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 
 # What Grafana would put in for its built-in variables over the last few minutes of this session.
 GRAFANA_VARS = {"$__rate_interval": "1m", "$__range": "5m", "$__interval": "15s", '"$model_name"': '".*"'}

@@ -5,9 +5,9 @@ import asyncio
 import pytest
 from prometheus_client import generate_latest
 
-from engine import AsyncLLM, SamplingParams
-from engine.metrics import (PREFIX, WORKER_METRICS, Cost, CostConfig, PrometheusBackend, ServingMetrics, StepInfo,
-                            merge_families, observe_steps)
+from gpt2serve import AsyncLLM, SamplingParams
+from gpt2serve.engine.metrics import (PREFIX, WORKER_METRICS, Cost, CostConfig, PrometheusBackend, ServingMetrics,
+                                      StepInfo, merge_families, observe_steps)
 
 LABELS = {"model_name": "tiny", "replica": "r0"}
 
