@@ -53,7 +53,7 @@ def _tour(args: argparse.Namespace) -> None:
     from gpt2serve.engine.tour import print_demos, run_tour
 
     # Each demo starts an engine of its own: the start-up lines would bury the tables.
-    logging.getLogger("engine").setLevel(logging.WARNING)
+    logging.getLogger("gpt2serve.engine").setLevel(logging.WARNING)
     hf_logging.disable_progress_bar()
     start = time.monotonic()
     demos = run_tour(args.model, threads=args.threads)

@@ -20,7 +20,8 @@ if [ "$("$python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')" != "$
   python=python$locked_python
 fi
 py_version=$("$python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
-stamp="$variant $py_version $(cat "$lock" | sha256sum | cut -c1-16)"
+source_kind=$variant; [ "$py_version" = "$locked_python" ] || source_kind=ranges  # read by tests/test_packaging.py
+stamp="$source_kind $py_version $(cat "$lock" | sha256sum | cut -c1-16)"
 pip=(.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps)
 
 if [ -f .venv/.lock-stamp ] && [ "$(cat .venv/.lock-stamp)" != "$stamp" ]; then
@@ -30,7 +31,7 @@ if [ ! -f .venv/.lock-stamp ] || [ "$(cat .venv/.lock-stamp)" != "$stamp" ]; the
   rm -rf .venv
   "$python" -m venv .venv
   torch_pin=$(sed -n 's/^torch==\([^ ]*\).*/\1/p' "$lock")
-  if [ "$py_version" = "$locked_python" ]; then
+  if [ "$source_kind" != ranges ]; then
     # torch first and alone: PyTorch's CPU build is on PyTorch's own index, asked only where pip's configuration
     # (a find-links directory, say) cannot supply it, and only for torch.
     torch_req=$(mktemp)

@@ -17,8 +17,10 @@ python3 -m venv "$venv"
 pip=("$venv/bin/python" -m pip install -q --disable-pip-version-check)
 torch_pin=$(sed -n 's/^torch==\([^ ]*\).*/\1/p' "$lock")
 torch_spec=${TORCH_SPEC:-torch==$torch_pin}
-"${pip[@]}" "$torch_spec" 2>/dev/null || "${pip[@]}" "$torch_spec" --find-links https://download.pytorch.org/whl/cpu/torch/
-"${pip[@]}" --upgrade --upgrade-strategy eager setuptools -e ".[test]"
+"${pip[@]}" "$torch_spec" 2>/dev/null ||
+  "${pip[@]}" "$torch_spec" --find-links https://download.pytorch.org/whl/cpu/torch/
+echo "$torch_spec" > "$venv/torch-constraint.txt"  # the eager upgrade below must not replace it
+"${pip[@]}" --upgrade --upgrade-strategy eager -c "$venv/torch-constraint.txt" setuptools -e ".[test]"
 echo "fresh resolve in $venv; versions that differ from $lock:"
 "$venv/bin/python" - "$lock" <<'EOF'
 import re, sys

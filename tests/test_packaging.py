@@ -48,6 +48,45 @@ def test_the_code_imports_the_repository_only_as_gpt2serve():
     assert offenders == []
 
 
+def _norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _lock(variant: str) -> tuple[dict[str, str], list[str]]:
+    """A lock's pins and its entries (each ``name==version`` line with its hash lines)."""
+    text = (ROOT / "requirements" / f"{variant}.txt").read_text()
+    entries = re.findall(r"^[A-Za-z0-9][^\n]*==[^\n]*(?:\n    --hash[^\n]*)*", text, re.M)
+    pins = {_norm(n): v for n, v in re.findall(r"^([A-Za-z0-9_.-]+)==([^\s\\]+)", text, re.M)}
+    return pins, entries
+
+
+def test_the_locks_pin_every_dependency_with_hashes():
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = {_norm(re.match(r"[A-Za-z0-9_.-]+", d).group(0))
+              for d in project["dependencies"] + project["optional-dependencies"]["test"]}
+    for variant in ("cpu", "cuda"):
+        pins, entries = _lock(variant)
+        assert wanted - set(pins) == set(), f"requirements/{variant}.txt: run scripts/lock.sh"
+        assert len(entries) == len(pins) and all("--hash=sha256:" in e for e in entries)
+    assert _lock("cpu")[0]["torch"].endswith("+cpu") and "+" not in _lock("cuda")[0]["torch"]
+
+
+def test_the_environment_is_the_lock_it_was_made_from():
+    """A venv made by scripts/bootstrap.sh holds exactly its lock's versions (nothing upgraded behind it)."""
+    stamp = Path(sys.prefix) / ".lock-stamp"
+    if not stamp.exists():
+        pytest.skip("not a venv made by scripts/bootstrap.sh (a fresh resolve, a GPU host, your own)")
+    variant, python = stamp.read_text().split()[:2]
+    assert python == "%d.%d" % sys.version_info[:2]
+    if variant == "ranges":
+        pytest.skip("scripts/bootstrap.sh installed from pyproject.toml's ranges: no lock for this Python")
+    pins, _ = _lock(variant)
+    installed = {_norm(d.metadata["Name"]): d.version for d in metadata.distributions()}
+    assert {n: (v, installed.get(n)) for n, v in pins.items() if installed.get(n) != v} == {}
+
+
 def test_transformers_and_peft_import_from_the_repository_root():
     """The failure users saw: with the root first on sys.path, transformers imported our kernels/ folder."""
     code = ("import importlib.util, json, sys; from transformers import GPT2LMHeadModel; import peft, gpt2serve; "
@@ -58,7 +97,7 @@ def test_transformers_and_peft_import_from_the_repository_root():
     assert out.returncode == 0, out.stderr[-2000:]
     found = json.loads(out.stdout.strip().splitlines()[-1])
     assert found["path0"] == ""  # -c puts the working directory, the root, first
-    assert found["gpt2serve"] == str(ROOT / "__init__.py")
+    assert Path(found["gpt2serve"]).resolve() == ROOT / "__init__.py"  # resolved: a GPU host links it
     try:
         metadata.distribution("kernels")  # Hugging Face's, brought in by transformers >= 5.25
     except metadata.PackageNotFoundError:

@@ -102,7 +102,7 @@ def test_tour_command_writes_its_rows(tiny_model_dir, tmp_path, monkeypatch, cap
     out = tmp_path / "tour.json"
     # The command quiets the engine's logger and transformers' progress bars for its own process; put them back
     # for the tests that run after this one.
-    engine_log = logging.getLogger("engine")
+    engine_log = logging.getLogger("gpt2serve.engine")
     level, bars = engine_log.level, hf_logging.is_progress_bar_enabled()
     try:
         __main__.main(["tour", "--model", str(tiny_model_dir), "--json", str(out)])
