@@ -99,7 +99,8 @@ class AsyncLLM:
             try:
                 result = change()
             except Exception as e:  # noqa: BLE001 - handed to the caller
-                loop.call_soon_threadsafe(lambda: done.done() or done.set_exception(e))
+                # e=e: Python unbinds ``e`` when the except block ends, which can come before the loop runs this
+                loop.call_soon_threadsafe(lambda e=e: done.done() or done.set_exception(e))
             else:
                 loop.call_soon_threadsafe(lambda: done.done() or done.set_result(result))
 

@@ -172,3 +172,15 @@ def test_late_and_reloaded_requests_get_the_load_they_were_admitted_with(make_en
         assert set(adapters.held) == {"poetry#2"}
 
     asyncio.run(scenario())
+
+
+def test_an_error_between_steps_reaches_the_caller(make_engine):
+    """A change run between two steps that raises (unloading a name that is not loaded) raises in the awaiting
+    caller, instead of leaving it waiting for a result that never comes."""
+    llm = AsyncLLM(make_engine(enable_lora=True, max_loras=2, max_lora_rank=16))
+
+    async def scenario():
+        with pytest.raises(UnknownLoRAError, match="no adapter named 'nope'"):
+            await asyncio.wait_for(llm.remove_lora("nope"), timeout=20)
+
+    asyncio.run(scenario())
