@@ -25,13 +25,11 @@ echo "fresh resolve in $venv; versions that differ from $lock:"
 "$venv/bin/python" - "$lock" <<'EOF'
 import re, sys
 from importlib import metadata
+from packaging.utils import canonicalize_name
 
-def norm(name):
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-pins = dict(re.findall(r"^([A-Za-z0-9_.-]+)==([^ \\]+)", open(sys.argv[1]).read(), re.M))
-pins = {norm(k): v for k, v in pins.items()}
-installed = {norm(d.metadata["Name"]): d.version for d in metadata.distributions()}
+pins = {canonicalize_name(name): version
+        for name, version in re.findall(r"^([A-Za-z0-9_.-]+)==([^ \\]+)", open(sys.argv[1]).read(), re.M)}
+installed = {canonicalize_name(d.metadata["Name"]): d.version for d in metadata.distributions()}
 moved = [(n, pins.get(n, "-"), installed.get(n, "-")) for n in sorted(set(pins) | set(installed))
          if pins.get(n) != installed.get(n) and n not in ("pip", "gpt2-serve")]
 for name, old, new in moved:

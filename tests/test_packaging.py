@@ -18,6 +18,8 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[1]
 # Names Python would find at the root: each folder, and each module file (the test suite's own package aside).
@@ -48,15 +50,11 @@ def test_the_code_imports_the_repository_only_as_gpt2serve():
     assert offenders == []
 
 
-def _norm(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
 def _lock(variant: str) -> tuple[dict[str, str], list[str]]:
     """A lock's pins and its entries (each ``name==version`` line with its hash lines)."""
     text = (ROOT / "requirements" / f"{variant}.txt").read_text()
     entries = re.findall(r"^[A-Za-z0-9][^\n]*==[^\n]*(?:\n    --hash[^\n]*)*", text, re.M)
-    pins = {_norm(n): v for n, v in re.findall(r"^([A-Za-z0-9_.-]+)==([^\s\\]+)", text, re.M)}
+    pins = {canonicalize_name(n): v for n, v in re.findall(r"^([A-Za-z0-9_.-]+)==([^\s\\]+)", text, re.M)}
     return pins, entries
 
 
@@ -64,7 +62,7 @@ def test_the_locks_pin_every_dependency_with_hashes():
     import tomllib
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    wanted = {_norm(re.match(r"[A-Za-z0-9_.-]+", d).group(0))
+    wanted = {canonicalize_name(Requirement(d).name)
               for d in project["dependencies"] + project["optional-dependencies"]["test"]}
     for variant in ("cpu", "cuda"):
         pins, entries = _lock(variant)
@@ -83,7 +81,7 @@ def test_the_environment_is_the_lock_it_was_made_from():
     if variant == "ranges":
         pytest.skip("scripts/bootstrap.sh installed from pyproject.toml's ranges: no lock for this Python")
     pins, _ = _lock(variant)
-    installed = {_norm(d.metadata["Name"]): d.version for d in metadata.distributions()}
+    installed = {canonicalize_name(d.metadata["Name"]): d.version for d in metadata.distributions()}
     assert {n: (v, installed.get(n)) for n, v in pins.items() if installed.get(n) != v} == {}
 
 
