@@ -8,43 +8,40 @@
 # with scripts/lock.sh; scripts/fresh_resolve.sh tries the newest versions the ranges allow in a scratch venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/lock_lib.sh
 
-variant=cpu
-if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then variant=cuda; fi
-variant=${GPT2SERVE_LOCK:-$variant}
+variant=$(lock_variant)
 lock=requirements/$variant.txt
-locked_python=$(sed -n 's/^# python: *//p' "requirements/$variant.in")
+locked_python=$(lock_python "$variant")
+version_of() { "$1" -c 'import sys; print("%d.%d" % sys.version_info[:2])'; }
 python=${PYTHON:-python3}
-if [ "$("$python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')" != "$locked_python" ] &&
-   command -v "python$locked_python" >/dev/null 2>&1; then
+if [ "$(version_of "$python")" != "$locked_python" ] && command -v "python$locked_python" >/dev/null 2>&1; then
   python=python$locked_python
 fi
-py_version=$("$python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+py_version=$(version_of "$python")
 source_kind=$variant; [ "$py_version" = "$locked_python" ] || source_kind=ranges  # read by tests/test_packaging.py
-stamp="$source_kind $py_version $(cat "$lock" | sha256sum | cut -c1-16)"
+stamp="$source_kind $py_version $(sha256sum < "$lock" | cut -c1-16)"
 pip=(.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps)
 
-if [ -f .venv/.lock-stamp ] && [ "$(cat .venv/.lock-stamp)" != "$stamp" ]; then
-  echo "bootstrap: $lock changed since .venv was made: rebuilding .venv" >&2
-fi
-if [ ! -f .venv/.lock-stamp ] || [ "$(cat .venv/.lock-stamp)" != "$stamp" ]; then
+if [ "$(cat .venv/.lock-stamp 2>/dev/null)" != "$stamp" ]; then
+  [ -f .venv/.lock-stamp ] && echo "bootstrap: $lock changed since .venv was made: rebuilding .venv" >&2
   rm -rf .venv
   "$python" -m venv .venv
-  torch_pin=$(sed -n 's/^torch==\([^ ]*\).*/\1/p' "$lock")
+  torch_pin=$(lock_torch "$variant")
   if [ "$source_kind" != ranges ]; then
     # torch first and alone: PyTorch's CPU build is on PyTorch's own index, asked only where pip's configuration
     # (a find-links directory, say) cannot supply it, and only for torch.
     torch_req=$(mktemp)
     awk '/^torch==/ {on = 1} on && /^ *#/ {exit} on {print}' "$lock" > "$torch_req"
     "${pip[@]}" --require-hashes -r "$torch_req" 2>/dev/null ||
-      "${pip[@]}" --require-hashes -r "$torch_req" --find-links https://download.pytorch.org/whl/cpu/torch/
+      "${pip[@]}" --require-hashes -r "$torch_req" --find-links "$TORCH_CPU_LINKS"
     rm -f "$torch_req"
     "${pip[@]}" --require-hashes -r "$lock"
   else
     echo "bootstrap: $lock is locked for Python $locked_python, this is $py_version: installing from" \
          "pyproject.toml's ranges instead (not reproducible: versions may differ from CI's)" >&2
     case $torch_pin in
-      *+cpu) .venv/bin/python -m pip install -q "torch==$torch_pin" --index-url https://download.pytorch.org/whl/cpu ;;
+      *+cpu) .venv/bin/python -m pip install -q "torch==$torch_pin" --find-links "$TORCH_CPU_LINKS" ;;
       *) .venv/bin/python -m pip install -q "torch==$torch_pin" ;;
     esac
     .venv/bin/python -m pip install -q setuptools ".[test]"

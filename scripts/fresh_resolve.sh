@@ -9,16 +9,14 @@
 # bound the range in pyproject.toml, and say which release broke what.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-variant=cpu
-if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then variant=cuda; fi
-lock=requirements/${GPT2SERVE_LOCK:-$variant}.txt
+source scripts/lock_lib.sh
+variant=$(lock_variant)
+lock=requirements/$variant.txt
 venv=${FRESH_VENV:-$(mktemp -d "${TMPDIR:-/tmp}/gpt2serve-fresh.XXXXXX")/venv}
 python3 -m venv "$venv"
 pip=("$venv/bin/python" -m pip install -q --disable-pip-version-check)
-torch_pin=$(sed -n 's/^torch==\([^ ]*\).*/\1/p' "$lock")
-torch_spec=${TORCH_SPEC:-torch==$torch_pin}
-"${pip[@]}" "$torch_spec" 2>/dev/null ||
-  "${pip[@]}" "$torch_spec" --find-links https://download.pytorch.org/whl/cpu/torch/
+torch_spec=${TORCH_SPEC:-torch==$(lock_torch "$variant")}
+"${pip[@]}" "$torch_spec" 2>/dev/null || "${pip[@]}" "$torch_spec" --find-links "$TORCH_CPU_LINKS"
 echo "$torch_spec" > "$venv/torch-constraint.txt"  # the eager upgrade below must not replace it
 "${pip[@]}" --upgrade --upgrade-strategy eager -c "$venv/torch-constraint.txt" setuptools -e ".[test]"
 echo "fresh resolve in $venv; versions that differ from $lock:"

