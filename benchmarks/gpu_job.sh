@@ -3,6 +3,8 @@
 #   check:   GPU tests, kernel micro-benchmarks, fp16 agreement, and the PyTorch-reference engine on W1/W3
 #   offline: W1-W3 of ours (Triton + CUDA graphs) beside the HF baselines, in one process
 #   prefix:  cascade-attention tests and kernel figures, host overhead per step, W5 (prefix caching on and off)
+#   install: every GPU-marked test, the packaging checks, and `serve run configs/gpt2.yaml` (dummy weights) answering
+#            a text prompt with text, all through the bundle's import name (docs/installing.md)
 # Results go under $OUT (the device tool brings that folder back).
 set -uo pipefail
 phase=$1 commit=${2:-unknown}
@@ -36,5 +38,17 @@ prefix)
   python3 -m gpt2serve.benchmarks.offline --workloads W5 --model gpt2-xl --load-format dummy --dtype float16 --device cuda \
     --engine-arg max_num_seqs=512 --engine-arg max_num_batched_tokens=16384 --baselines hf-generate \
     --baseline-scale 0.25 --commit "$commit" --out "$OUT/offline_W5.json" 2>&1 | tee "$OUT/offline_W5_log.txt" | tail -8
+  ;;
+install)
+  timeout 330 python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tail -15 | tee "$OUT/gpu_tests.log"
+  timeout 60 python3 -m pytest -q -p no:cacheprovider -m "not slow" tests/test_packaging.py 2>&1 | tail -5 \
+    | tee "$OUT/packaging.log"
+  python3 -m gpt2serve.engine make-dummy-model /tmp/gpt2-dummy > /dev/null
+  export RAY_AUTH_MODE=disabled GPT2SERVE_MODEL=/tmp/gpt2-dummy GPT2SERVE_LOAD_FORMAT=dummy
+  set -m; serve run configs/gpt2.yaml > "$OUT/serve.log" 2>&1 & serve_pid=$!
+  for _ in $(seq 120); do curl -sf http://127.0.0.1:8000/health | grep -q workers && break; sleep 1; done
+  curl -s http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \
+    -d '{"model": "gpt2", "prompt": "Hello", "max_tokens": 16}' | tee "$OUT/curl.json"; echo
+  kill -INT -$serve_pid; sleep 15; kill -KILL -$serve_pid 2>/dev/null; true
   ;;
 esac
