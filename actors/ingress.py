@@ -32,6 +32,7 @@ from pydantic import BaseModel, ValidationError
 from ray import serve
 
 from gpt2serve.actors import openai_api as oa
+from gpt2serve.actors.http_listener import HTTPListener
 from gpt2serve.actors.metrics import SnapshotCollector
 from gpt2serve.actors.protocol import LoRARef
 from gpt2serve.actors.routing import ROUTING_POLICIES
@@ -145,6 +146,14 @@ class LiveView:
         }
 
 
+def _replica_ready() -> bool:
+    """The routes find their Ingress through the replica context, which Serve fills once __init__ has returned."""
+    try:
+        return serve.get_replica_context().servable_object is not None
+    except Exception:  # noqa: BLE001 - no context yet
+        return False
+
+
 @serve.ingress(app)
 class Ingress:
     def __init__(self, config: dict[str, Any], scheduler, worker):
@@ -184,6 +193,14 @@ class Ingress:
         self.loras: dict[str, LoRARef] = {}  # name -> load: the scheduler's registry, as last seen
         merged = next((m for m in cfg.engine.lora_modules if m.merge), None)
         self.merged_lora, self.merged_root = (merged.name, merged.path) if merged else (None, None)
+        listen = cfg.http_listener
+        self.listener = HTTPListener(app, listen.host, listen.port, _replica_ready, listen.graceful_shutdown_s
+                                     ) if listen else None
+
+    async def __del__(self) -> None:
+        # Serve calls this on graceful shutdown. Requests that came through the listener are not Serve's to drain.
+        if self.listener is not None:
+            await self.listener.close()
 
     # ------------------------------------------------------------------ endpoints
     @app.get("/health")

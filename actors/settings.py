@@ -59,6 +59,16 @@ class DeploymentSettings(BaseModel):
         return opts
 
 
+class HTTPListenerSettings(BaseModel):
+    """The ingress replicas serve HTTP themselves on this address (``actors/http_listener.py``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = Field("0.0.0.0", description="Interface to listen on (127.0.0.1: this machine only).")
+    port: int = Field(8000, ge=0, le=65535, description="One port, shared by every ingress replica of a node.")
+    graceful_shutdown_s: float = Field(30.0, ge=0, description="On shutdown, how long requests in flight get.")
+
+
 class ServiceConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
@@ -91,6 +101,9 @@ class ServiceConfig(BaseModel):
                              "many GPUs a worker replica pays for: the cost metrics.")
 
     # --- API ---
+    http_listener: HTTPListenerSettings | None = Field(
+        None, description="Serve HTTP from the ingress replicas themselves, every replica on this one port (set "
+        "proxy_location: Disabled so that Serve's proxy does not hold it). None: through Serve's HTTP proxy.")
     max_n: int = Field(16, ge=1, description="Largest n a request may ask for.")
 
     # --- deployments ---

@@ -16,8 +16,12 @@ Calls, all pinned to this replica by ``PinnedReplicaRouter``:
   if this is not the replica the scheduler chose or the channel is unknown, so the ingress can retry.
 - ``sync_loras(snapshot)``: the scheduler's LoRA registry changed (``actors/lora_registry.py``); answers with
   the adapters this replica could not load.
-- ``abort(request_id)``: the client went away. Cancelling the request's task closes the engine's
-  ``generate``, which aborts the request and frees its blocks (the engine's one place for cancellation).
+- ``abort(request_id)``: the client went away. The engine aborts the request and frees its blocks between two
+  steps (``AsyncLLM.abort_request``).
+
+Requests run without a task each: the engine hands every request's delta of a step to ``_deliver`` in one pass
+(``AsyncLLM.add_request``), which packs it into its channel's outbox. Only a request whose LoRA adapter must be
+loaded first waits in a task for the load.
 
 A background task sends the scheduler heartbeats (pool geometry, engine stats, the request ids held here),
 which is how the scheduler learns this replica exists, how loaded it is, and that it is alive. Each heartbeat
@@ -35,6 +39,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
 from ray import serve
@@ -48,6 +53,7 @@ from gpt2serve.engine.errors import InvalidRequestError
 from gpt2serve.engine.lora import LoRAError
 from gpt2serve.engine.metrics import (CostConfig, FanoutBackend, PrometheusBackend, RayBackend, ServingMetrics,
                                       gpu_memory_used_bytes, observe_steps)
+from gpt2serve.engine.outputs import RequestOutput
 
 log = logging.getLogger("ray.serve")
 AUTOSCALING_METRIC = "engine_load"
@@ -69,6 +75,17 @@ class Outbox:
         self.wakeup.set()
 
 
+@dataclass(eq=False)
+class Running:
+    """A request held by this replica, from ``submit`` until its last delta, its failure or its abort."""
+
+    work: WorkRequest
+    box: Outbox
+    in_engine: bool = False  # handed to the engine (else still loading its adapter)
+    holds_adapter: bool = False  # holds a load of work.lora, released when it ends
+    loading: asyncio.Task | None = None
+
+
 class ModelWorker:
     def __init__(self, engine_config: dict[str, Any], scheduler, heartbeat_interval_s: float = 0.5,
                  channel_idle_s: float = 10.0, telemetry: dict[str, Any] | None = None):
@@ -82,7 +99,7 @@ class ModelWorker:
         self.actor_name = context.replica_id.to_full_id_str()
         self._init_metrics(telemetry or {}, started)
         self.outboxes: dict[str, Outbox] = {}
-        self.tasks: dict[str, asyncio.Task] = {}  # request id -> the task streaming it into its outbox
+        self.running: dict[str, Running] = {}
         self.early_aborts: dict[str, float] = {}  # aborts that overtook their submit
         self.counters: Counter[str] = Counter()
         self.global_queue_share = 0.0  # this worker's share of the scheduler's queue, from heartbeat replies
@@ -128,9 +145,14 @@ class ModelWorker:
         if self.early_aborts.pop(work.request_id, None) is not None:
             self.counters["cancelled"] += 1
             return None  # its client left before it started
+        run = self.running[work.request_id] = Running(work, box)
         box.requests.add(work.request_id)
-        self.tasks[work.request_id] = asyncio.get_running_loop().create_task(self._run(work, box))
         self.counters["started"] += 1
+        self.metrics.request_started(work.request_id)
+        if work.lora is None:
+            self._start(run, None)
+        else:  # usually held already; else loaded now (see actors/lora_registry.py)
+            run.loading = asyncio.get_running_loop().create_task(self._load_then_start(run))
         return None
 
     async def abort(self, request_id: str, replica: str | None = None) -> None:
@@ -139,45 +161,66 @@ class ModelWorker:
             self.early_aborts = {k: t for k, t in self.early_aborts.items() if now - t < _EARLY_ABORT_TTL_S}
             self.early_aborts[request_id] = now
 
+    async def _load_then_start(self, run: Running) -> None:
+        try:
+            lora_name = await self.adapters.acquire(run.work.lora)
+        except LoRAError as e:
+            self._end(run, WorkerError(str(e), "model", 400), invalid=True)
+            return
+        except Exception as e:  # noqa: BLE001 - e.g. the adapter's files vanished: this request fails, not the worker
+            log.exception("loading the adapter of request %s failed", run.work.request_id)
+            self._end(run, WorkerError(f"loading the adapter failed: {e!r}", "model", 500))
+            return
+        run.holds_adapter = True
+        self._start(run, lora_name)
+
+    def _start(self, run: Running, lora_name: str | None) -> None:
+        work = run.work
+        try:
+            self.llm.add_request(work.request_id, work.prompt_token_ids, work.params,
+                                 lambda out: self._deliver(run, out), work.priority, lora_name)
+        except (InvalidRequestError, LoRAError) as e:  # nothing was allocated
+            self._end(run, WorkerError(str(e), getattr(e, "param", "model"), 400), invalid=True)
+            return
+        run.in_engine = True
+
+    def _deliver(self, run: Running, out: RequestOutput | BaseException) -> None:
+        """One step's delta of ``run`` (or the exception that failed it), on the event loop, after the step."""
+        if isinstance(out, BaseException):  # an engine step failed; the engine already dropped the request
+            log.error("request %s failed in the engine: %r", run.work.request_id, out)
+            self._end(run, WorkerError(f"the engine failed this request: {out!r}", None, 500))
+            return
+        self.metrics.on_output(out)
+        run.box.put(run.work.request_id, pack_output(out))
+        if out.finished:
+            self._end(run)
+
     def _cancel(self, request_id: str) -> bool:
-        task = self.tasks.get(request_id)
-        if task is None:
+        run = self.running.get(request_id)
+        if run is None:
             return False
-        task.cancel()
+        if run.loading is not None:
+            run.loading.cancel()
+        if run.in_engine:
+            self.llm.abort_request(request_id)  # its blocks are freed between two steps
+        self._end(run, cancelled=True)
         return True
 
-    async def _run(self, work: WorkRequest, box: Outbox) -> None:
-        finished = False
-        invalid = False
-        acquired = False
-        self.metrics.request_started(work.request_id)
-        try:
-            lora_name = None
-            if work.lora is not None:  # usually held already; else loaded now (see actors/lora_registry.py)
-                lora_name = await self.adapters.acquire(work.lora)
-                acquired = True
-            async for out in self.llm.generate(work.prompt_token_ids, work.params, request_id=work.request_id,
-                                               priority=work.priority, lora_name=lora_name):
-                finished = out.finished
-                self.metrics.on_output(out)
-                box.put(work.request_id, pack_output(out))
-        except (InvalidRequestError, LoRAError) as e:  # raised before the first step: nothing was allocated
-            finished = invalid = True
+    def _end(self, run: Running, error: WorkerError | None = None, invalid: bool = False,
+             cancelled: bool = False) -> None:
+        request_id = run.work.request_id
+        if self.running.get(request_id) is not run:
+            return
+        del self.running[request_id]
+        if error is not None:
+            run.box.put(request_id, error)
+        if run.holds_adapter:
+            self.adapters.release(run.work.lora)
+        run.box.requests.discard(request_id)
+        if invalid:
             self.counters["invalid"] += 1
-            box.put(work.request_id, WorkerError(str(e), getattr(e, "param", "model"), 400))
-        except asyncio.CancelledError:
-            pass  # aborted: the engine freed the request's blocks when its generator closed
-        except Exception as e:  # noqa: BLE001 - an engine step failed; the engine already dropped the request
-            finished = True
-            log.exception("request %s failed in the engine", work.request_id)
-            box.put(work.request_id, WorkerError(f"the engine failed this request: {e!r}", None, 500))
-        finally:
-            if acquired:
-                self.adapters.release(work.lora)
-            box.requests.discard(work.request_id)
-            self.tasks.pop(work.request_id, None)
-            self.counters["finished" if finished else "cancelled"] += 1
-            self.metrics.request_ended(work.request_id, aborted=not invalid)  # no-op if it finished
+        self.counters["cancelled" if cancelled else "finished"] += 1
+        self.metrics.request_ended(request_id, aborted=not invalid)  # no-op if it finished
 
     # ------------------------------------------------------------------ LoRA adapters
     async def sync_loras(self, snapshot: LoRASnapshot, replica: str | None = None) -> dict[str, str]:
@@ -234,7 +277,7 @@ class ModelWorker:
             "requests_started": self.counters["started"], "requests_finished": self.counters["finished"],
             "requests_cancelled": self.counters["cancelled"], "requests_invalid": self.counters["invalid"],
             "requests_misrouted": self.counters["misrouted"],
-            "active_request_ids": sorted(self.tasks),
+            "active_request_ids": sorted(self.running),
             **self.adapters.info(),
         }
 
@@ -252,7 +295,7 @@ class ModelWorker:
     async def record_autoscaling_stats(self) -> dict[str, float]:
         # Serve counts ongoing calls, which here are a few long-lived channels; scale on requests instead:
         # those this worker holds plus its share of the ones waiting for any worker in the global queue.
-        return {AUTOSCALING_METRIC: len(self.tasks) + self.global_queue_share}
+        return {AUTOSCALING_METRIC: len(self.running) + self.global_queue_share}
 
     async def check_health(self) -> None:
         await self.llm.check_health()  # raises if the step loop died: Serve then replaces the replica

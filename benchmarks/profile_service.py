@@ -1,7 +1,7 @@
 """Where the service's time goes under W4: CPU, Python stacks and event-loop lag of every process on the path.
 
     python -m gpt2serve.benchmarks.profile_service --config configs/gpt2xl.yaml --load-format dummy \\
-        --ingress proxy --out-dir /tmp/prof          # also: --ingress direct, --ingress haproxy
+        --out-dir /tmp/prof          # the config as shipped; also --ingress proxy, direct, haproxy
 
 Starts a Ray head with a known metrics port (so Serve's own event-loop monitors can be read), then
 ``serve run CONFIG`` on it, then the W4 load of ``benchmarks/w4_serving.py`` against the chosen ingress. In the
@@ -26,11 +26,14 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
 from collections import Counter, defaultdict
 from pathlib import Path
+
+import yaml
 
 from gpt2serve.benchmarks.w4_serving import Load, ServeProcess, discover_direct_ingress, run_http, summarize
 
@@ -191,12 +194,54 @@ def measure(window_s: float, out_dir: Path, tag: str) -> dict:
             "stacks": {pid: summarize_stacks(out_dir / f"stacks_{tag}_{pid}.txt") for pid in procs}}
 
 
+def proxy_variant(config: str) -> str:
+    """The same config served through Serve's HTTP proxy on port 8000 instead of the ingress replicas' own
+    listener (``http_listener``): the path every Serve feature flag below (direct ingress, HAProxy) starts from."""
+    data = yaml.safe_load(Path(config).read_text())
+    data["proxy_location"] = "EveryNode"
+    data["http_options"] = {"host": "0.0.0.0", "port": 8000}
+    for app in data["applications"]:
+        app["args"].pop("http_listener", None)
+    out = Path(tempfile.mkdtemp()) / Path(config).name
+    out.write_text(yaml.safe_dump(data, sort_keys=False))
+    return str(out)
+
+
+def start_cluster(env: dict[str, str]) -> None:
+    """A Ray head on this machine with Serve's settings from ``env`` and its metrics on METRICS_PORT."""
+    ray_env = {**os.environ, **env}
+    ray_env.pop("RAY_ADDRESS", None)
+    ray_env.setdefault("RAY_AUTH_MODE", "disabled")
+    subprocess.run(["ray", "start", "--head", "--port", str(RAY_PORT), "--metrics-export-port", str(METRICS_PORT),
+                    "--disable-usage-stats"], env=ray_env, check=True, stdout=subprocess.DEVNULL)
+
+
+def stop_cluster() -> None:
+    subprocess.run(["ray", "stop", "--force"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def process_rows(measured: dict, window_s: float, out_tok_s: float) -> list[dict]:
+    """One row per process: CPU share, CPU per output token received in the window, and its stacks' summary."""
+    tokens = out_tok_s * window_s
+    rows = []
+    for pid, role in sorted(measured["procs"].items(), key=lambda kv: kv[1]):
+        cpu = measured["cpu_s"].get(pid)
+        st = measured["stacks"].get(pid, {})
+        rows.append({"pid": pid, "role": role, "cpu_s": cpu,
+                     "cpu_pct": round(100 * cpu / window_s, 1) if cpu is not None else None,
+                     "cpu_us_per_token": round(1e6 * cpu / tokens, 1) if cpu and tokens else None,
+                     "active_s": st.get("active_s"), "by_package_s": st.get("by_package_s", {}),
+                     "top_self": st.get("top_self", [])})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="configs/gpt2xl.yaml")
     p.add_argument("--load-format")
     p.add_argument("--model", help="GPT2SERVE_MODEL: a checkpoint or config+tokenizer directory")
-    p.add_argument("--ingress", choices=["proxy", "direct", "haproxy"], default="proxy")
+    p.add_argument("--ingress", choices=["shipped", "proxy", "direct", "haproxy"], default="shipped",
+                   help="shipped: the config as it is; the others: through Serve's proxy, its direct ingress, HAProxy")
     p.add_argument("--concurrency", type=int, default=100)
     p.add_argument("--duration", type=float, default=45.0)
     p.add_argument("--max-token-id", type=int, default=50000, help="prompt ids are drawn from 0..this")
@@ -208,7 +253,7 @@ def main(argv: list[str] | None = None) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
 
     env = {"RAY_ADDRESS": f"127.0.0.1:{RAY_PORT}", "RAY_SERVE_EVENT_LOOP_MONITORING_INTERVAL_S": "0.1",
-           "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"), "TOKENIZERS_PARALLELISM": "false"}
+           "TOKENIZERS_PARALLELISM": "false"}
     if args.ingress in ("direct", "haproxy"):
         env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
     if args.ingress == "haproxy":
@@ -220,11 +265,9 @@ def main(argv: list[str] | None = None) -> None:
     for item in args.set:
         k, v = item.split("=", 1)
         env[f"GPT2SERVE_{k.upper()}"] = v
-    ray_env = {**os.environ, **env}
-    ray_env.pop("RAY_ADDRESS")
-    subprocess.run(["ray", "start", "--head", "--port", str(RAY_PORT), "--metrics-export-port", str(METRICS_PORT),
-                    "--disable-usage-stats"], env=ray_env, check=True, stdout=subprocess.DEVNULL)
-    server = ServeProcess(args.config, env, log_path=str(out_dir / f"serve_{args.ingress}.log"))
+    start_cluster(env)
+    config = args.config if args.ingress == "shipped" else proxy_variant(args.config)
+    server = ServeProcess(config, env, log_path=str(out_dir / f"serve_{args.ingress}.log"))
     result: dict = {"ingress": args.ingress, "config": args.config, "concurrency": args.concurrency,
                     "duration_s": args.duration, "window_s": args.window}
     try:
@@ -242,19 +285,10 @@ def main(argv: list[str] | None = None) -> None:
         result["w4"] = summarize(box["samples"], box["dur"])
     finally:
         server.stop()
-        subprocess.run(["ray", "stop", "--force"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        stop_cluster()
     result["actor_names"] = names
-    tokens_in_window = result["w4"]["out_tok_s"] * args.window
     m = result["measured"]
-    rows = []
-    for pid, role in sorted(m["procs"].items(), key=lambda kv: kv[1]):
-        cpu = m["cpu_s"].get(pid)
-        st = m["stacks"].get(pid, {})
-        rows.append({"pid": pid, "role": role, "cpu_s": cpu,
-                     "cpu_pct": round(100 * cpu / args.window, 1) if cpu is not None else None,
-                     "cpu_us_per_token": round(1e6 * cpu / tokens_in_window, 1) if cpu and tokens_in_window else None,
-                     "active_s": st.get("active_s"), "by_package_s": st.get("by_package_s", {}),
-                     "top_self": st.get("top_self", [])})
+    rows = process_rows(m, args.window, result["w4"]["out_tok_s"])
     result["processes"] = rows
     pid_of_actor = {aid: pid for aid, (_, pid) in names.items()}
     result["event_loop_lag"] = [{**lag, "role": m["procs"].get(pid_of_actor.get(lag["actor_id"]), "?")}

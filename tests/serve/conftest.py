@@ -5,8 +5,11 @@ a local Ray instance with auth off, replicas reserving a quarter CPU each, the H
 127.0.0.1 (other people's services on this machine may hold 8000). Tests that break the app (killing
 workers) live in test_worker_death.py, which runs last.
 
-``GPT2SERVE_TEST_DIRECT_INGRESS=1`` runs the same tests through Serve's direct ingress (the ingress replica
-serves HTTP itself, no proxy hop), the way the W4 benchmark is served.
+The session's application serves HTTP from its ingress replica itself (``http_listener``, as the shipped configs
+do: actors/http_listener.py); the side applications (``side_app``) are reached through Serve's HTTP proxy by route
+prefix, so both paths run the serving tests. ``GPT2SERVE_TEST_VIA=proxy`` sends the session's tests through the
+proxy too; ``GPT2SERVE_TEST_VIA=direct-ingress`` through Serve's direct ingress (the replica on a port of
+Serve's choosing, from 30000 up).
 """
 
 import asyncio
@@ -21,7 +24,9 @@ import pytest
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-DIRECT_INGRESS = os.environ.get("GPT2SERVE_TEST_DIRECT_INGRESS") == "1"
+VIA = os.environ.get("GPT2SERVE_TEST_VIA", "listener")
+assert VIA in ("listener", "proxy", "direct-ingress"), f"GPT2SERVE_TEST_VIA={VIA!r}"
+DIRECT_INGRESS = VIA == "direct-ingress"
 if DIRECT_INGRESS:  # read by every Ray process at import: must be set before ray.init
     os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
 
@@ -39,7 +44,7 @@ CHANNEL_IDLE_S = 2.0
 
 @dataclass
 class Service:
-    base_url: str  # where the tests send requests: the proxy, or the ingress replica itself
+    base_url: str  # where the tests send requests: the ingress replica's own listener, or Serve's proxy
     proxy_url: str  # Serve's HTTP proxy (every application, by route prefix)
     engine: Any  # EngineConfig of the workers, for offline reference runs
     app: str = APP_NAME  # the Serve application (another one than the session's: test_prefix_routing.py)
@@ -110,7 +115,7 @@ def service(tiny_model_dir):
     from gpt2serve import serve_app
 
     engine = engine_config(tiny_model_dir, **ENGINE_OVERRIDES)
-    port = free_port()
+    port, listener_port = free_port(), free_port()
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -120,12 +125,15 @@ def service(tiny_model_dir):
             "max_queued_requests": MAX_QUEUED, "heartbeat_interval_s": 0.2, "worker_timeout_s": 5,
             "channel_idle_s": CHANNEL_IDLE_S,
             "ingress": quarter, "scheduler": quarter,
+            **({"http_listener": {"host": "127.0.0.1", "port": listener_port}} if VIA == "listener" else {}),
             # Replace dead workers quickly: Serve notices through its health check.
             "worker": {**quarter, "num_replicas": NUM_WORKERS, "health_check_period_s": 1},
         })
         serve.run(app, name=APP_NAME, route_prefix="/")
         proxy = f"http://127.0.0.1:{port}"
-        svc = Service(_direct_ingress_url(str(tiny_model_dir)) if DIRECT_INGRESS else proxy, proxy, engine)
+        base = {"listener": f"http://127.0.0.1:{listener_port}", "proxy": proxy}.get(VIA) or _direct_ingress_url(
+            str(tiny_model_dir))
+        svc = Service(base, proxy, engine)
         svc.wait_for_workers(NUM_WORKERS)
         yield svc
     finally:
