@@ -111,10 +111,16 @@ async def _http_client(idx: int, load: Load, url: str, model: str, t_end: float,
                             times.append(now)
             except (aiohttp.ClientError, asyncio.TimeoutError) as e:
                 error = f"{type(e).__name__}: {e}"[:200]
-            completed = error is None and not cut and usage_tokens == len(times) == load.output_len
+            # A server may put several tokens in one event (vLLM's stream_interval, say): the usage event counts
+            # them, and each event then stands for its share of the tokens.
+            completed = (error is None and not cut and usage_tokens == load.output_len
+                         and 0 < len(times) <= usage_tokens)
             if error is None and not cut and not completed:
                 error = f"incomplete stream: {len(times)} token events, usage {usage_tokens}"
             sample = _token_times_to_sample(start, times, t_end, completed)
+            if completed and len(times) < usage_tokens:
+                sample.tokens_in_window = round(usage_tokens * sample.tokens_in_window / len(times))
+                sample.tpot_s = (times[-1] - times[0]) / (usage_tokens - 1) if len(times) > 1 else None
             sample.error = error
             samples.append(sample)
 
