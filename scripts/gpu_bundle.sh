@@ -33,9 +33,11 @@ python3 -m pip install -q --disable-pip-version-check --no-deps --require-hashes
   --only-binary=:all: --python-version "$python" --implementation cp --platform manylinux_2_28_x86_64 \
   --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
   --platform manylinux_2_5_x86_64 --platform manylinux1_x86_64 --target "$work/site" -r "$work/carry.txt"
-# Ray's parts a serving host never imports: Java jars, RLlib, Tune, Train; console scripts made for this machine.
+# Ray's parts a serving host never imports: Java jars, RLlib, Tune, Train; console scripts made for this machine
+# (gpu_install.sh writes its own), but py-spy's native binary (benchmarks/profile_service.py runs it).
 rm -rf "$work/site/ray/jars" "$work/site/ray/rllib" "$work/site/ray/tune" "$work/site/ray/train" \
-       "$work/site/ray/air/examples" "$work/site/bin"
+       "$work/site/ray/air/examples"
+find "$work/site/bin" -type f ! -name py-spy -delete
 # Debug symbols are a third of the binaries (Ray's raylet and GCS server, grpc, ...) and nothing here reads them.
 find "$work/site" -type f \( -name '*.so*' -o -path '*/ray/core/src/*' \) -exec file {} + |
   awk -F: '/ELF.*not stripped/ {print $1}' | xargs -r strip --strip-debug
