@@ -1,8 +1,13 @@
 """The scheduler deployment's logic, without Ray: a global waiting queue, admission, and worker bookkeeping.
 
 A request is *admitted* to a worker only when the worker has room to run it at once: a sequence slot
-(``max_inflight`` of them, by default the engine's ``max_num_seqs``) and KV blocks for its whole budget
-(prompt + ``max_tokens``, times ``n``). Until then it waits here, in one queue for the whole service, ordered by
+(``max_inflight`` of them, by default the engine's ``max_num_seqs``) and KV blocks for its prompt and the
+output it will probably write, times ``n``. "Probably" is ``OutputLengths``: a high quantile of how long the
+service's recent requests really ran (most stop at EOS or a stop string, or their client leaves, long before
+``max_tokens``, and a chat request's ``max_tokens`` defaults to the whole context), never more than the request's
+own ``max_tokens``. A request that outgrows its reservation still runs: the engine preempts when its pool is
+short, which the quantile keeps rare. ``reserve_quantile=None`` reserves the whole ``max_tokens`` (no preemption
+is ever needed, at the price of far fewer requests at once). Until then it waits here, in one queue for the whole service, ordered by
 the configured scheduling policy, so that priorities hold across workers instead of inside each one. Past
 ``max_queued_requests`` waiting, a new request is refused (HTTP 429) rather than queued without bound.
 
@@ -74,29 +79,63 @@ class WorkerState:
     def inflight_seqs(self) -> int:
         return sum(r.seqs for r in self.inflight.values())
 
-    def blocks_for(self, req: QueuedRequest) -> int:
+    def blocks_for(self, req: QueuedRequest, new_tokens: int | None = None) -> int:
+        """KV blocks for ``req``'s prompt and ``new_tokens`` (default: what admission reserves for it)."""
+        if new_tokens is None:
+            new_tokens = req.max_new_tokens if req.reserve_new_tokens is None else req.reserve_new_tokens
         # The last generated token is never fed back, so it needs no KV slot (as in the engine's own check).
-        tokens = max(req.num_prompt_tokens + req.max_new_tokens - 1, 1)
+        tokens = max(req.num_prompt_tokens + new_tokens - 1, 1)
         return req.n * math.ceil(tokens / self.block_size)
 
     def could_ever_fit(self, req: QueuedRequest, kv_overcommit: float) -> bool:
-        return req.n <= self.max_inflight and self.blocks_for(req) <= self.num_total_blocks * kv_overcommit
+        # Judged on max_tokens: a request the pool cannot hold to its end would be preempted forever.
+        return (req.n <= self.max_inflight
+                and self.blocks_for(req, req.max_new_tokens) <= self.num_total_blocks * kv_overcommit)
 
     def fits(self, req: QueuedRequest, kv_overcommit: float) -> bool:
         return (self.inflight_seqs + req.n <= self.max_inflight
                 and self.reserved_blocks + self.blocks_for(req) <= self.num_total_blocks * kv_overcommit)
 
 
+class OutputLengths:
+    """How many tokens per sequence the service's recent requests wrote before they ended (any way but a worker
+    failure), and the ``quantile`` of that, which admission reserves KV for. Until ``min_samples`` requests have
+    ended there is no estimate, and requests reserve their whole ``max_tokens``."""
+
+    def __init__(self, quantile: float, window: int = 512, min_samples: int = 32):
+        self.quantile = quantile
+        self.min_samples = min_samples
+        self.recent: deque[int] = deque(maxlen=window)
+        self._estimate: int | None = None
+
+    def observe(self, tokens_per_seq: int) -> None:
+        self.recent.append(tokens_per_seq)
+        self._estimate = None  # recomputed on demand
+
+    def estimate(self) -> int | None:
+        if len(self.recent) < self.min_samples:
+            return None
+        if self._estimate is None:
+            ordered = sorted(self.recent)
+            self._estimate = ordered[min(len(ordered) - 1, math.ceil(self.quantile * len(ordered)) - 1)]
+        return self._estimate
+
+    def reserve_for(self, max_new_tokens: int) -> int:
+        estimate = self.estimate()
+        return max_new_tokens if estimate is None else max(1, min(max_new_tokens, estimate))
+
+
 class Dispatcher:
     def __init__(self, policy: SchedulingPolicy, routing: RoutingPolicy, *, max_queued_requests: int,
                  max_inflight_per_worker: int | None = None, kv_overcommit: float = 1.0,
                  worker_timeout_s: float = 10.0, lease_grace_s: float = 30.0, min_retry_after_s: float = 1.0,
-                 clock: Callable[[], float] = time.monotonic):
+                 reserve_quantile: float | None = None, clock: Callable[[], float] = time.monotonic):
         self.policy = policy
         self.routing = routing
         self.max_queued_requests = max_queued_requests
         self.max_inflight_per_worker = max_inflight_per_worker
         self.kv_overcommit = kv_overcommit
+        self.output_lengths = OutputLengths(reserve_quantile) if reserve_quantile is not None else None
         self.worker_timeout_s = worker_timeout_s
         self.lease_grace_s = lease_grace_s
         self.min_retry_after_s = min_retry_after_s
@@ -117,6 +156,8 @@ class Dispatcher:
             raise RequestTooLargeError(
                 f"the request needs {req.n} sequence(s) of up to {req.num_prompt_tokens + req.max_new_tokens} "
                 "tokens, more than any worker can hold at once; lower max_tokens or n")
+        if self.output_lengths is not None:
+            req.reserve_new_tokens = self.output_lengths.reserve_for(req.max_new_tokens)
         self.waiting.append(req)
         placed = self.dispatch()
         if req.request_id not in self.assigned and len(self.waiting) > self.max_queued_requests:
@@ -145,8 +186,9 @@ class Dispatcher:
             if worker is None:
                 break
             self.routing.routed(req, worker, now)
+            new_tokens = req.max_new_tokens if req.reserve_new_tokens is None else req.reserve_new_tokens
             worker.inflight[req.request_id] = Reservation(
-                req.num_prompt_tokens + req.max_new_tokens * req.n, worker.blocks_for(req), req.n, now)
+                req.num_prompt_tokens + new_tokens * req.n, worker.blocks_for(req), req.n, now)
             self.assigned[req.request_id] = worker.worker_id
             placed.append((req, worker.worker_id))
         if placed:
@@ -164,11 +206,15 @@ class Dispatcher:
                 return []
         return self.release(request_id)
 
-    def release(self, request_id: str, worker_failed: bool = False) -> list[Placement]:
-        """The request is over (finished, failed or cancelled): give its room back and route the next."""
+    def release(self, request_id: str, worker_failed: bool = False,
+                output_tokens_per_seq: int | None = None) -> list[Placement]:
+        """The request is over (finished, failed or cancelled): give its room back and route the next.
+        ``output_tokens_per_seq``: how far it got, for the reservation estimate (None: unknown, or no token)."""
         worker_id = self.assigned.pop(request_id, None)
         if worker_id is None:
             return []
+        if self.output_lengths is not None and output_tokens_per_seq and not worker_failed:
+            self.output_lengths.observe(output_tokens_per_seq)
         self._releases.append(self.clock())
         worker = self.workers.get(worker_id)
         if worker is not None:

@@ -63,6 +63,9 @@ class QueuedRequest:
     arrival_time: float = field(default_factory=time.monotonic)
     arrival_seq: int = field(default_factory=lambda: next(_arrival_counter))
     num_computed_tokens: int = 0  # nothing is computed while a request waits for a worker
+    # Output tokens per sequence that admission reserves KV for (``admission.OutputLengths``): max_new_tokens,
+    # or less when the service's recent requests stopped well before their max_tokens. Set by the dispatcher.
+    reserve_new_tokens: int | None = None
 
     @property
     def num_tokens(self) -> int:

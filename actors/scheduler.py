@@ -49,7 +49,7 @@ class Scheduler:
             ROUTING_POLICIES.build(cfg.routing_policy, **cfg.routing_policy_args),
             max_queued_requests=cfg.max_queued_requests, max_inflight_per_worker=cfg.max_inflight_per_worker,
             kv_overcommit=cfg.kv_overcommit, worker_timeout_s=cfg.worker_timeout_s, lease_grace_s=cfg.lease_grace_s,
-            min_retry_after_s=cfg.min_retry_after_s,
+            min_retry_after_s=cfg.min_retry_after_s, reserve_quantile=cfg.kv_reserve_quantile,
         )
         self.waiters: dict[str, asyncio.Future] = {}
         self.enable_lora = cfg.engine.enable_lora
@@ -105,8 +105,9 @@ class Scheduler:
     # The methods below are `async def` on purpose: Serve runs a deployment's plain `def` methods on a thread pool,
     # where they would mutate the dispatcher (and resolve admit's futures) while `admit` runs on the event loop
     # (seen at 100 users: "deque mutated during iteration").
-    async def release(self, request_id: str, worker_failed: bool = False) -> None:
-        self._wake(self.core.release(request_id, worker_failed))
+    async def release(self, request_id: str, worker_failed: bool = False,
+                      output_tokens_per_seq: int | None = None) -> None:
+        self._wake(self.core.release(request_id, worker_failed, output_tokens_per_seq))
 
     async def heartbeat(self, worker_id: str, info: dict[str, Any]) -> dict[str, Any]:
         self._wake(self.core.heartbeat(worker_id, info))

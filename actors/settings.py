@@ -88,7 +88,12 @@ class ServiceConfig(BaseModel):
     max_inflight_per_worker: int | None = Field(
         None, ge=1, description="Sequences routed to one worker at once; defaults to engine.max_num_seqs.")
     kv_overcommit: float = Field(
-        1.0, gt=0, description="Reserve up to this multiple of a worker's KV pool (1.0: no preemption needed).")
+        1.0, gt=0, description="Reserve up to this multiple of a worker's KV pool.")
+    kv_reserve_quantile: float | None = Field(
+        0.95, gt=0, le=1, description="Reserve KV for a request's prompt plus this quantile of how many tokens the "
+        "service's recent requests really wrote (at most its max_tokens); the engine preempts a request that outgrows "
+        "it, which the quantile keeps rare. None: reserve prompt + max_tokens (no preemption ever needed, far fewer "
+        "requests at once).")
     heartbeat_interval_s: float = Field(0.5, gt=0)
     worker_timeout_s: float = Field(10.0, gt=0, description="A worker silent this long is dropped from routing.")
     lease_grace_s: float = Field(30.0, gt=0)

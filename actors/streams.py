@@ -104,6 +104,8 @@ class Job:
     done: bool = False
     worker_failed: bool = False
     closed: bool = False
+    output_tokens: int = 0  # received from the worker, all sequences together
+    n: int = 1
     attempts: list[str] = field(default_factory=list)
 
 
@@ -125,7 +127,7 @@ class Streams:
         the scheduler's admission says which load the request really gets)."""
         # Engine ids must be unique even when two clients send the same X-Request-Id.
         base = f"{rid}-{uuid.uuid4().hex[:8]}"
-        jobs = [Job(f"{base}-{i}", ids) for i, ids in enumerate(prompts)]
+        jobs = [Job(f"{base}-{i}", ids, n=params.n) for i, ids in enumerate(prompts)]
         try:
             await asyncio.gather(*(self.start(job, params, priority, lora) for job in jobs))
         except BaseException:
@@ -212,6 +214,8 @@ class Streams:
         if isinstance(item, ChannelClosed):
             job.worker_failed = item.worker_gone
             raise APIError(503, f"{item}; retry the request", retry_after_s=1)
+        if not isinstance(item, WorkerError):
+            job.output_tokens += sum(len(d.token_ids) for d in item.seqs)
         return item
 
     async def items(self, job: Job) -> AsyncIterator[StepItem]:
@@ -266,10 +270,12 @@ class Streams:
                 self._background_call(
                     detached(lambda: self.worker.abort.remote(job.request_id, replica=job.worker_id)), "abort")
             if job.worker_id is not None:
-                self._background_call(self._release(job.request_id, job.worker_failed), "release")
+                # How far it got feeds the scheduler's reservation estimate (admission.OutputLengths).
+                self._background_call(self._release(job.request_id, job.worker_failed,
+                                                    -(-job.output_tokens // job.n)), "release")
 
-    async def _release(self, request_id: str, worker_failed: bool) -> None:
-        await detached(lambda: self.scheduler.release.remote(request_id, worker_failed))
+    async def _release(self, request_id: str, worker_failed: bool, output_tokens_per_seq: int | None = None) -> None:
+        await detached(lambda: self.scheduler.release.remote(request_id, worker_failed, output_tokens_per_seq))
 
     def _background_call(self, awaitable, what: str) -> None:
         async def run() -> None:

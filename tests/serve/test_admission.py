@@ -242,3 +242,44 @@ def test_snapshot_reports_queue_and_workers():
     assert snap["num_waiting"] == 1 and snap["num_assigned"] == 1
     w = snap["workers"]["w1"]
     assert w["inflight"] == 1 and w["load_tokens"] == 32 and "active_request_ids" not in w["stats"]
+
+
+def test_reservations_follow_how_long_requests_really_run():
+    """Requests that stop early (EOS, stop strings, clients leaving) teach admission to reserve less than
+    max_tokens: more of them run at once. Until enough have ended, max_tokens is reserved."""
+    d = make(reserve_quantile=0.9, max_queued=64)
+    d.heartbeat("w1", info(blocks=40, seqs=64))  # 640 tokens of KV
+    # prompt 16 + max_tokens 304: 20 blocks each, so two at a time while nothing is known
+    placed = [w for i in range(3) for _, w in d.submit(req(f"cold{i}", prompt=16, new=304))]
+    assert placed == ["w1", "w1"] and len(d.waiting) == 1
+    for i in range(2):
+        d.release(f"cold{i}", output_tokens_per_seq=40)
+    d.release("cold2", output_tokens_per_seq=40)  # admitted by the releases above, and ended too
+    for i in range(29):  # 32 requests ended in all: the estimate exists
+        d.submit(req(f"warm{i}", prompt=16, new=304))
+        d.release(f"warm{i}", output_tokens_per_seq=8 + i)
+    assert d.output_lengths.estimate() == 36  # the 29th of 32 sorted lengths
+    # Now each reserves 16 + 36 tokens (4 blocks): ten run at once on the same pool.
+    placed = [w for i in range(12) for _, w in d.submit(req(f"hot{i}", prompt=16, new=304))]
+    assert len(placed) == 10 and len(d.waiting) == 2
+    assert all(r.reserve_new_tokens == 36 for r in d.waiting)
+    # A request asking for less than the estimate reserves only what it asks for.
+    short = req("short", prompt=16, new=8)
+    d.submit(short)
+    assert short.reserve_new_tokens == 8
+    # "Never fits" is still judged on max_tokens: the pool could not hold this one to its end.
+    with pytest.raises(RequestTooLargeError):
+        d.submit(req("huge", prompt=16, new=700))
+
+
+def test_worker_failures_and_requests_with_no_token_teach_nothing():
+    d = make(reserve_quantile=0.5)
+    d.heartbeat("w1", info(blocks=100, seqs=8))
+    for i in range(40):
+        d.submit(req(f"r{i}"))
+        d.release(f"r{i}", worker_failed=(i % 2 == 0), output_tokens_per_seq=5)
+        if i % 2 == 0:
+            d.heartbeat("w1", info(blocks=100, seqs=8))  # the failed worker comes back
+    d.submit(req("none"))
+    d.release("none", output_tokens_per_seq=0)
+    assert len(d.output_lengths.recent) == 20 and d.output_lengths.estimate() is None  # fewer than 32 samples

@@ -41,14 +41,16 @@ class FakeScheduler:
     def __init__(self, choices):
         self.choices = list(choices)  # worker ids to hand out, in order
         self.released: list[tuple[str, bool]] = []
+        self.output_tokens: dict[str, int | None] = {}  # what each release said the request wrote per sequence
         self.admit = Method(lambda req: Call(self._admit(req)))
-        self.release = Method(lambda rid, failed=False: Call(self._release(rid, failed)))
+        self.release = Method(lambda rid, failed=False, tokens=None: Call(self._release(rid, failed, tokens)))
 
     async def _admit(self, req):
         return Admission(self.choices.pop(0) if self.choices else None, 503, "no worker")
 
-    async def _release(self, rid, failed):
+    async def _release(self, rid, failed, tokens):
         self.released.append((rid, failed))
+        self.output_tokens[rid] = tokens
 
 
 class FakeChannelStream:
@@ -136,6 +138,7 @@ def test_request_streams_over_the_chosen_workers_channel():
         await settle()
         assert texts == ["a", "b"]
         assert scheduler.released == [(rid, False)] and worker.aborted == []
+        assert scheduler.output_tokens[rid] == 2  # how far it got: the scheduler's reservation estimate learns it
 
     asyncio.run(go())
 
