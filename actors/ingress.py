@@ -193,9 +193,14 @@ class Ingress:
         self.loras: dict[str, LoRARef] = {}  # name -> load: the scheduler's registry, as last seen
         merged = next((m for m in cfg.engine.lora_modules if m.merge), None)
         self.merged_lora, self.merged_root = (merged.name, merged.path) if merged else (None, None)
-        listen = cfg.http_listener
-        self.listener = HTTPListener(app, listen.host, listen.port, _replica_ready, listen.graceful_shutdown_s
-                                     ) if listen else None
+        self.listener = None
+        if cfg.http_listener is not None:
+            listen = cfg.http_listener
+            try:
+                self.listener = HTTPListener(app, listen.host, listen.port, _replica_ready, listen.graceful_shutdown_s)
+            except OSError as e:  # another program holds the port without SO_REUSEPORT
+                log.warning("cannot listen on %s:%s (%s): serving through Serve's HTTP proxy only", listen.host,
+                            listen.port, e)
 
     async def __del__(self) -> None:
         # Serve calls this on graceful shutdown. Requests that came through the listener are not Serve's to drain.
