@@ -49,7 +49,7 @@ class Scheduler:
             ROUTING_POLICIES.build(cfg.routing_policy, **cfg.routing_policy_args),
             max_queued_requests=cfg.max_queued_requests, max_inflight_per_worker=cfg.max_inflight_per_worker,
             kv_overcommit=cfg.kv_overcommit, worker_timeout_s=cfg.worker_timeout_s, lease_grace_s=cfg.lease_grace_s,
-            min_retry_after_s=cfg.min_retry_after_s, reserve_quantile=cfg.kv_reserve_quantile,
+            min_retry_after_s=cfg.min_retry_after_s, reserve_output=cfg.kv_reserve_output,
         )
         self.waiters: dict[str, asyncio.Future] = {}
         self.enable_lora = cfg.engine.enable_lora

@@ -89,11 +89,11 @@ class ServiceConfig(BaseModel):
         None, ge=1, description="Sequences routed to one worker at once; defaults to engine.max_num_seqs.")
     kv_overcommit: float = Field(
         1.0, gt=0, description="Reserve up to this multiple of a worker's KV pool.")
-    kv_reserve_quantile: float | None = Field(
-        0.95, gt=0, le=1, description="Reserve KV for a request's prompt plus this quantile of how many tokens the "
-        "service's recent requests really wrote (at most its max_tokens); the engine preempts a request that outgrows "
-        "it, which the quantile keeps rare. None: reserve prompt + max_tokens (no preemption ever needed, far fewer "
-        "requests at once).")
+    kv_reserve_output: str = Field(
+        "mean", pattern=r"^(mean|max_tokens|p(\d{1,2}(\.\d+)?|100))$",
+        description="The output part of a request's KV reservation: 'mean' (of how many tokens the service's recent "
+        "requests really wrote; the engine preempts in the rare step where the pool is short), a quantile such as "
+        "'p95', or 'max_tokens' (all of it: no preemption ever needed, far fewer requests at once).")
     heartbeat_interval_s: float = Field(0.5, gt=0)
     worker_timeout_s: float = Field(10.0, gt=0, description="A worker silent this long is dropped from routing.")
     lease_grace_s: float = Field(30.0, gt=0)

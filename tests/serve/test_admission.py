@@ -247,7 +247,7 @@ def test_snapshot_reports_queue_and_workers():
 def test_reservations_follow_how_long_requests_really_run():
     """Requests that stop early (EOS, stop strings, clients leaving) teach admission to reserve less than
     max_tokens: more of them run at once. Until enough have ended, max_tokens is reserved."""
-    d = make(reserve_quantile=0.9, max_queued=64)
+    d = make(reserve_output="p90", max_queued=64)
     d.heartbeat("w1", info(blocks=40, seqs=64))  # 640 tokens of KV
     # prompt 16 + max_tokens 304: 20 blocks each, so two at a time while nothing is known
     placed = [w for i in range(3) for _, w in d.submit(req(f"cold{i}", prompt=16, new=304))]
@@ -273,7 +273,7 @@ def test_reservations_follow_how_long_requests_really_run():
 
 
 def test_worker_failures_and_requests_with_no_token_teach_nothing():
-    d = make(reserve_quantile=0.5)
+    d = make(reserve_output="mean")
     d.heartbeat("w1", info(blocks=100, seqs=8))
     for i in range(40):
         d.submit(req(f"r{i}"))
@@ -283,3 +283,18 @@ def test_worker_failures_and_requests_with_no_token_teach_nothing():
     d.submit(req("none"))
     d.release("none", output_tokens_per_seq=0)
     assert len(d.output_lengths.recent) == 20 and d.output_lengths.estimate() is None  # fewer than 32 samples
+
+
+def test_the_mean_is_reserved_by_default_and_statistics_are_checked():
+    from gpt2serve.actors.admission import OutputLengths
+    from gpt2serve.actors.settings import ServiceConfig
+
+    assert ServiceConfig().kv_reserve_output == "mean"
+    lengths = OutputLengths("mean", min_samples=4)
+    for n in (10, 20, 30, 41):
+        lengths.observe(n)
+    assert lengths.estimate() == 26 and lengths.reserve_for(512) == 26 and lengths.reserve_for(5) == 5
+    with pytest.raises(ValueError):
+        OutputLengths("p200")
+    with pytest.raises(ValueError):
+        ServiceConfig(kv_reserve_output="median")
