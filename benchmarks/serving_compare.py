@@ -109,6 +109,7 @@ def run_ours(args, out: Path) -> dict:
         finally:
             server.stop()
             prof.stop_cluster()
+            (out / "ours.json").write_text(json.dumps(result, indent=2, default=str) + "\n")  # so far
     if not args.skip_in_process:
         samples, duration, _, _ = run_in_process(Load(concurrency=args.profile_level, duration_s=args.level_s),
                                                  args.config,
