@@ -98,6 +98,9 @@ class ServiceConfig(BaseModel):
     worker_timeout_s: float = Field(10.0, gt=0, description="A worker silent this long is dropped from routing.")
     lease_grace_s: float = Field(30.0, gt=0)
     pin_wait_s: float = Field(1.0, ge=0, description="How long a call waits for its chosen replica to appear.")
+    worker_gil_switch_interval_s: float | None = Field(
+        None, gt=0, description="sys.setswitchinterval in each worker process: how long the engine's step thread "
+        "may wait for the GIL held by the replica's event loops (None: Python's default, 5 ms).")
     channel_idle_s: float = Field(
         10.0, gt=0, description="A worker closes an ingress's token channel after this long without requests.")
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -88,8 +89,13 @@ class Running:
 
 class ModelWorker:
     def __init__(self, engine_config: dict[str, Any], scheduler, heartbeat_interval_s: float = 0.5,
-                 channel_idle_s: float = 10.0, telemetry: dict[str, Any] | None = None):
+                 channel_idle_s: float = 10.0, telemetry: dict[str, Any] | None = None,
+                 gil_switch_interval_s: float | None = None):
         started = time.monotonic()  # the replica pays for its GPUs from here, model loading included
+        if gil_switch_interval_s is not None:
+            # The step thread and this process's event loops share the GIL: a thread that wants it waits up to
+            # this long for the holder to give it up (Python's default 5 ms is a whole decode step).
+            sys.setswitchinterval(gil_switch_interval_s)
         self.llm = AsyncLLM(EngineConfig(**engine_config))
         self.scheduler = scheduler
         self.heartbeat_interval_s = heartbeat_interval_s

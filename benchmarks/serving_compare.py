@@ -91,7 +91,7 @@ def serve_env(args) -> dict[str, str]:
 
 
 def run_ours(args, out: Path) -> dict:
-    result: dict = {"server": "ours", "config": args.config, "commit": _commit(), "device": _device()}
+    result: dict = {"server": "ours", "config": args.config, "commit": args.commit or _commit(), "device": _device()}
     levels = [int(x) for x in args.levels.split(",")]
     for path, config in (("shipped", args.config), ("serve-proxy", prof.proxy_variant(args.config))):
         if path == "serve-proxy" and args.skip_proxy:
@@ -104,7 +104,7 @@ def run_ours(args, out: Path) -> dict:
             print(f"ours, {path}:", flush=True)
             result[path] = {"w4": sweep(url, levels if path == "shipped" else [args.profile_level], args.level_s,
                                         args.pause_s, args.profile_level)}
-            if path == "shipped":
+            if path == "shipped" and args.locust_s > 0:
                 result[path]["locust"] = locust_run(url, args.locust_users, args.locust_s, out)
         finally:
             server.stop()
@@ -123,15 +123,9 @@ def run_ours(args, out: Path) -> dict:
 def run_peer(args, out: Path) -> dict:
     levels = [int(x) for x in args.levels.split(",")]
     print(f"peer at {args.url}:", flush=True)
-    result = {"server": "vllm", "url": args.url, "device": _device(),
+    result = {"server": "vllm", "url": args.url, "device": _device(), "version": _peer_version(args.out_dir),
               "w4": sweep(args.url, levels, args.level_s, args.pause_s),
               "locust": locust_run(args.url, args.locust_users, args.locust_s, out)}
-    try:
-        import vllm
-
-        result["version"] = vllm.__version__
-    except ImportError:
-        pass
     return result
 
 
@@ -178,17 +172,18 @@ def report(out: Path, price: float) -> str:
         lines.append(f"| {r['users']} | {v.get('out_tok_s', '')} | {r['out_tok_s']} | {ratio} | "
                      f"{v.get('ttft_ms_p50', '')} | {r['ttft_ms_p50']} | {v.get('tpot_ms_p50', '')} | "
                      f"{r['tpot_ms_p50']} |")
-    lines += ["", "Locust, 100 users (the card's \"used by\" run):", "",
-              "| server | out tok/s | TTFT p50 / p90 / p99 ms | TPOT p50 / p90 / p99 ms | failures | $ / 1M out tok |",
+    lines += ["", "Locust, 100 users (the card's \"used by\" run; $ / 1M: the formula above, and in brackets what "
+              "the service's own cost metrics said over the run):", "",
+              "| server | out tok/s | TTFT p50 / p99 ms | TPOT p50 / p99 ms | failures | $ / 1M out tok |",
               "|---|---|---|---|---|---|"]
     for name, loc in (("vLLM", peer.get("locust", {})), ("ours", ours["shipped"].get("locust", {}))):
         if "out_tok_s" not in loc:
             lines.append(f"| {name} | (failed: {str(loc.get('error', ''))[-200:]!r}) | | | | |")
             continue
-        lines.append(f"| {name} | {loc['out_tok_s']:,.0f} | {loc.get('ttft_ms_p50')} / {loc.get('ttft_ms_p90')} / "
-                     f"{loc.get('ttft_ms_p99')} | {loc.get('tpot_ms_p50')} / {loc.get('tpot_ms_p90')} / "
-                     f"{loc.get('tpot_ms_p99')} | {loc.get('failures')}/{loc.get('requests')} | "
-                     f"{dollars_per_1m(loc['out_tok_s'], price)} |")
+        own = loc.get("dollars_per_1m_output_tokens")
+        lines.append(f"| {name} | {loc['out_tok_s']:,.0f} | {loc.get('ttft_ms_p50')} / {loc.get('ttft_ms_p99')} | "
+                     f"{loc.get('tpot_ms_p50')} / {loc.get('tpot_ms_p99')} | {loc.get('failures')}/{loc.get('requests')} "
+                     f"| {dollars_per_1m(loc['out_tok_s'], price)}" + (f" [{own:.4f}]" if own else "") + " |")
     for name, rows in (("shipped", shipped), ("behind Serve's proxy", proxy)):
         prof_rows = at(rows, 100).get("profile")
         if prof_rows:
@@ -226,6 +221,16 @@ def plot(peer: list[dict], ours: list[dict], out: Path) -> None:
     fig.savefig(out / "w4_vs_concurrency.png", dpi=110)
 
 
+def _peer_version(out_dir: str) -> str | None:
+    """vLLM's version from its server's log (run_peer.sh writes it beside our results); vLLM itself is not
+    importable beside our bundle."""
+    import re
+
+    log = Path(out_dir) / "vllm_serve.log"
+    found = re.search(r"version (\d+\.\d+\.\d+)", log.read_text(errors="replace")) if log.exists() else None
+    return found.group(1) if found else None
+
+
 def _commit() -> str:
     try:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
@@ -253,11 +258,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--levels", default="1,10,25,50,100,200")
     p.add_argument("--level-s", type=float, default=20.0)
     p.add_argument("--pause-s", type=float, default=2.0)
-    p.add_argument("--locust-s", type=int, default=30)
+    p.add_argument("--locust-s", type=int, default=30, help="0: no Locust run")
     p.add_argument("--locust-users", type=int, default=100)
     p.add_argument("--profile-level", type=int, default=100, help="ours: the level profiled, and the one run "
                    "behind Serve's proxy and in process")
     p.add_argument("--price", type=float, default=3.00, help="report: $ per GPU-hour, for both servers")
+    p.add_argument("--commit", help="ours: the commit measured (the GPU host's copy of .git may be stale)")
     p.add_argument("--skip-proxy", action="store_true")
     p.add_argument("--skip-in-process", action="store_true")
     args = p.parse_args(argv)
