@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Sequence
 from gpt2serve.policies.registry import Registry
 
 if TYPE_CHECKING:
-    from gpt2serve.actors.admission import WorkerState
+    from gpt2serve.actors.worker_state import WorkerState
     from gpt2serve.actors.protocol import QueuedRequest
 
 ROUTING_POLICIES: Registry["RoutingPolicy"] = Registry("routing")
