@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 
 class AsyncLLM:
     def __init__(self, config: EngineConfig | LLMEngine):
-        self.engine = config if isinstance(config, LLMEngine) else LLMEngine(config)
+        # An engine given ready-made may be any object with LLMEngine's make_request / submit / abort / step.
+        self.engine = LLMEngine(config) if isinstance(config, EngineConfig) else config
         self._sinks: dict[str, Callable[[RequestOutput | BaseException], None]] = {}
         self._pending: deque[Callable[[], RequestOutput | None]] = deque()
         self._wakeup: asyncio.Event | None = None

@@ -141,3 +141,15 @@ def test_harness_w5_with_and_without_prefix_caching(model_dir, tmp_path):
     assert on["engine_counters"]["prefix_cache_hits"] > 0.6 * on["prompt_tokens"]
     assert off["engine_counters"]["prefix_cache_hits"] == 0
     assert "| W5 | ours-no-prefix-caching |" in out.with_suffix(".md").read_text()
+
+
+def test_worker_delivery_benchmark_delivers_every_delta_both_ways(tmp_path):
+    """benchmarks/worker_delivery_cpu.py: both delivery modes hand every request's every delta to the outbox
+    (the benchmark asserts the count), and a request started by callback ends with its last delta."""
+    from gpt2serve.benchmarks import worker_delivery_cpu as bench
+
+    out = tmp_path / "delivery.json"
+    bench.main(["--requests", "5", "--tokens", "4", "--step-ms", "0", "--repeats", "1", "--out", str(out)])
+    rows = json.loads(out.read_text())
+    assert [r["delivery"] for r in rows] == ["task per request", "callbacks after the step"]
+    assert all(r["loop_cpu_us_per_request_step_median"] > 0 for r in rows)
