@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from gpt2serve.engine.distributed import free_port
+
 VARIANTS = ("max_tokens", "p95", "mean")
 
 
@@ -57,7 +59,7 @@ def measure(variant: str, model: str, args) -> dict:
 
     from gpt2serve import serve_app
 
-    port = _free_port()
+    port = free_port()
     quarter = {"ray_actor_options": {"num_cpus": 0.25}}
     name = f"admission-{variant.replace('_', '-')}"
     serve.run(serve_app.build_app({
@@ -103,14 +105,6 @@ def measure(variant: str, model: str, args) -> dict:
             "mean_running": round(statistics.fmean(samples), 2) if samples else None,
             "preemptions": preempted,
             "ttft_ms_p50": round(1000 * statistics.median(r["ttft_s"] for r in window), 1) if window else None}
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -31,7 +31,8 @@ import time
 from pathlib import Path
 
 from gpt2serve.benchmarks import profile_service as prof
-from gpt2serve.benchmarks.w4_serving import Load, ServeProcess, run_http, run_in_process, summarize
+from gpt2serve.benchmarks.w4_serving import (Load, ServeProcess, _device_name, _git_commit, run_http,
+                                              run_in_process, summarize)
 
 LOCUSTFILE = Path(__file__).resolve().parent.parent / "loadtests" / "locustfile.py"
 
@@ -91,7 +92,8 @@ def serve_env(args) -> dict[str, str]:
 
 
 def run_ours(args, out: Path) -> dict:
-    result: dict = {"server": "ours", "config": args.config, "commit": args.commit or _commit(), "device": _device()}
+    result: dict = {"server": "ours", "config": args.config, "commit": args.commit or _git_commit(),
+                    "device": _device_name()}
     levels = [int(x) for x in args.levels.split(",")]
     for path, config in (("shipped", args.config), ("serve-proxy", prof.proxy_variant(args.config))):
         if path == "serve-proxy" and args.skip_proxy:
@@ -123,7 +125,7 @@ def run_ours(args, out: Path) -> dict:
 def run_peer(args, out: Path) -> dict:
     levels = [int(x) for x in args.levels.split(",")]
     print(f"peer at {args.url}:", flush=True)
-    result = {"server": "vllm", "url": args.url, "device": _device(), "version": _peer_version(args.out_dir),
+    result = {"server": "vllm", "url": args.url, "device": _device_name(), "version": _peer_version(args.out_dir),
               "w4": sweep(args.url, levels, args.level_s, args.pause_s),
               "locust": locust_run(args.url, args.locust_users, args.locust_s, out)}
     return result
@@ -229,22 +231,6 @@ def _peer_version(out_dir: str) -> str | None:
     log = Path(out_dir) / "vllm_serve.log"
     found = re.search(r"version (\d+\.\d+\.\d+)", log.read_text(errors="replace")) if log.exists() else None
     return found.group(1) if found else None
-
-
-def _commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def _device() -> str:
-    try:
-        import torch
-
-        return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    except ImportError:
-        return "unknown"
 
 
 def main(argv: list[str] | None = None) -> None:
