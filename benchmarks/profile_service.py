@@ -105,6 +105,27 @@ def lag_histograms() -> dict[tuple, dict]:
     return dict(hist)
 
 
+def step_time_sums(url: str) -> dict[tuple[str, str], float]:
+    """(phase, "sum" | "count") -> the workers' ``gpt2serve:step_time_seconds`` histogram, from the service's
+    ``/metrics``: how long the engines' steps take inside the service (compare with the same engine in process)."""
+    text = urllib.request.urlopen(f"{url}/metrics", timeout=10).read().decode()
+    out: dict[tuple[str, str], float] = {}
+    for m in re.finditer(r'^gpt2serve:step_time_seconds_(sum|count)\{[^}]*phase="(\w+)"[^}]*\}\s+(\S+)$', text, re.M):
+        key = (m.group(2), m.group(1))
+        out[key] = out.get(key, 0.0) + float(m.group(3))
+    return out
+
+
+def steps_in_window(before: dict, after: dict, window_s: float) -> dict[str, dict]:
+    out = {}
+    for phase in sorted({p for p, _ in after}):
+        n = after.get((phase, "count"), 0.0) - before.get((phase, "count"), 0.0)
+        if n > 0:
+            total = after.get((phase, "sum"), 0.0) - before.get((phase, "sum"), 0.0)
+            out[phase] = {"steps_per_s": round(n / window_s, 1), "mean_step_ms": round(1000 * total / n, 3)}
+    return out
+
+
 def lag_in_window(before: dict, after: dict) -> dict[tuple, dict]:
     out = {}
     for key, a in after.items():
@@ -160,11 +181,13 @@ def summarize_stacks(path: Path, rate: int = 200, top: int = 12) -> dict:
     }
 
 
-def measure(window_s: float, out_dir: Path, tag: str) -> dict:
+def measure(window_s: float, out_dir: Path, tag: str, url: str | None = None) -> dict:
+    """``url``: the service, whose /metrics gives the engines' step times in the window too."""
     import psutil
 
     procs = serve_processes()
     lag_before = lag_histograms()
+    steps_before = step_time_sums(url) if url else {}
     cpu_before = {}
     for pid in procs:
         try:
@@ -184,13 +207,14 @@ def measure(window_s: float, out_dir: Path, tag: str) -> dict:
             cpu[pid] = None
     lag = [{"actor_id": k[0], "component": k[1], "loop": k[2], **v}
            for k, v in sorted(lag_in_window(lag_before, lag_histograms()).items())]
+    steps = steps_in_window(steps_before, step_time_sums(url), window_s) if url else {}
     for spy in spies.values():
         if spy is not None:
             try:
                 spy.wait(window_s + 30)
             except subprocess.TimeoutExpired:
                 spy.kill()
-    return {"procs": procs, "cpu_s": cpu, "lag": lag,
+    return {"procs": procs, "cpu_s": cpu, "lag": lag, "engine_steps": steps,
             "stacks": {pid: summarize_stacks(out_dir / f"stacks_{tag}_{pid}.txt") for pid in procs}}
 
 
@@ -279,7 +303,7 @@ def main(argv: list[str] | None = None) -> None:
                                                                 run_http(load, urls, 4))))
         client.start()
         time.sleep(1.0 + (args.duration - args.window) / 2)
-        result["measured"] = measure(args.window, out_dir, args.ingress)
+        result["measured"] = measure(args.window, out_dir, args.ingress, urls[0])
         names = actor_names()
         client.join()
         result["w4"] = summarize(box["samples"], box["dur"])

@@ -48,12 +48,13 @@ def w4_level(url: str, users: int, seconds: float, profile_dir: Path | None = No
     if profile_dir is not None:
         window = seconds / 2
         time.sleep(1.0 + seconds / 4)
-        measured = prof.measure(window, profile_dir, tag)
+        measured = prof.measure(window, profile_dir, tag, url)
     client.join()
     row = {"users": users, "seconds": seconds, **summarize(box["samples"], box["dur"])}
     if measured is not None:
         row["profile"] = prof.process_rows(measured, window, row["out_tok_s"])
         row["event_loop_lag"] = measured["lag"]
+        row["engine_steps"] = measured["engine_steps"]
     return row
 
 
@@ -113,12 +114,13 @@ def run_ours(args, out: Path) -> dict:
             prof.stop_cluster()
             (out / "ours.json").write_text(json.dumps(result, indent=2, default=str) + "\n")  # so far
     if not args.skip_in_process:
+        timing: dict = {}
         samples, duration, _, _ = run_in_process(Load(concurrency=args.profile_level, duration_s=args.level_s),
                                                  args.config,
                                                  {"load_format": args.load_format, "model": args.model}
-                                                 if args.model else {"load_format": args.load_format})
+                                                 if args.model else {"load_format": args.load_format}, timing)
         result["in-process"] = {"w4": [{"users": args.profile_level, "seconds": duration,
-                                        **summarize(samples, duration)}]}
+                                        **summarize(samples, duration)}], "step_timing_ms": timing}
     return result
 
 
@@ -186,6 +188,17 @@ def report(out: Path, price: float) -> str:
         lines.append(f"| {name} | {loc['out_tok_s']:,.0f} | {loc.get('ttft_ms_p50')} / {loc.get('ttft_ms_p99')} | "
                      f"{loc.get('tpot_ms_p50')} / {loc.get('tpot_ms_p99')} | {loc.get('failures')}/{loc.get('requests')} "
                      f"| {dollars_per_1m(loc['out_tok_s'], price)}" + (f" [{own:.4f}]" if own else "") + " |")
+    steps = [(name, at(rows, 100).get("engine_steps", {}).get("decode")) for name, rows in
+             (("ours as shipped", shipped), ("ours behind Serve's proxy", proxy))]
+    timing = ours.get("in-process", {}).get("step_timing_ms")
+    if any(s for _, s in steps) or timing:
+        lines += ["", "Engine steps at 100 streams: decode step wall time inside the service (workers' "
+                  "`gpt2serve:step_time_seconds`), and the engine in process (`LLMEngine.step_timing()`, whole run):", ""]
+        lines += [f"- {name}: {s['mean_step_ms']} ms per decode step, {s['steps_per_s']} decode steps/s"
+                  for name, s in steps if s]
+        if timing:
+            lines.append("- in process: " + ", ".join(f"{k} {v:.3f}" for k, v in timing.items()
+                                                      if k.endswith("_ms")) + f" over {timing.get('steps')} steps")
     for name, rows in (("shipped", shipped), ("behind Serve's proxy", proxy)):
         prof_rows = at(rows, 100).get("profile")
         if prof_rows:

@@ -33,7 +33,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 
@@ -187,7 +187,9 @@ def _wait_for_free_gpu(timeout_s: float = 120, fraction: float = 0.9) -> None:
     print(f"warning: only {free / 2**30:.1f} of {total / 2**30:.1f} GiB GPU memory free", file=sys.stderr)
 
 
-def run_in_process(load: Load, config: str, overrides: dict) -> tuple[list[Sample], float, str, str]:
+def run_in_process(load: Load, config: str, overrides: dict,
+                   timing: dict | None = None) -> tuple[list[Sample], float, str, str]:
+    """``timing``: filled with the engine's ``step_timing()`` over the run (host and device ms per step)."""
     from gpt2serve import AsyncLLM, EngineConfig, SamplingParams
 
     _wait_for_free_gpu()
@@ -224,7 +226,10 @@ def run_in_process(load: Load, config: str, overrides: dict) -> tuple[list[Sampl
         return samples
 
     dtype = str(llm.engine.runner.dtype).removeprefix("torch.")
-    return asyncio.run(run()), load.duration_s, cfg.model, dtype
+    samples = asyncio.run(run())
+    if timing is not None:
+        timing.update(llm.engine.step_timing())
+    return samples, load.duration_s, cfg.model, dtype
 
 
 # ---------------------------------------------------------------------- the service, started here
