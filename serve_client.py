@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -108,10 +109,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int)
     p.add_argument("--priority", type=int, default=0, help="lower is served first (scheduling_policy: priority)")
+    p.add_argument("--api-key", default=os.environ.get("GPT2SERVE_API_KEY"),
+                   help="for a service with api_keys (default: $GPT2SERVE_API_KEY)")
     args = p.parse_args(argv)
 
     console = Console()
-    with httpx.Client(base_url=args.url, timeout=httpx.Timeout(600, connect=10)) as client:
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    with httpx.Client(base_url=args.url, timeout=httpx.Timeout(600, connect=10), headers=headers) as client:
         try:
             model = args.model or client.get("/v1/models").json()["data"][0]["id"]
         except httpx.HTTPError as e:

@@ -1,16 +1,18 @@
 """The ingress deployment: the OpenAI-compatible HTTP API (FastAPI inside Serve).
 
-Per request: parse and validate (pydantic, then the engine's own checks, here, before anything is queued),
-tokenize, then ``Streams`` (actors/streams.py) gets a worker from the scheduler and the tokens from that
-worker's channel; this module turns them into OpenAI responses.
+Per request: the gate (``actors/gate.py``: API key, CORS), then one validation path for every POST body
+(``_parse``: content type, size, pydantic, the service's limits), the engine's own checks, tokenizing (off the
+event loop when long), all before anything is queued; then ``Streams`` (actors/streams.py) gets a worker from
+the scheduler and the tokens from that worker's channel; this module turns them into OpenAI responses.
 
 Response headers are sent only once the worker's first item is here, so that everything that can go wrong
 before the first token (queue full, request too big for the pool, worker gone) still gets its own HTTP status,
 streaming or not. After that, a failure becomes an SSE error event followed by ``data: [DONE]``.
 
 Cancellation: a client that disconnects cancels this handler (Serve's proxy cancels the call, Starlette's
-streaming response cancels its body iterator); ``Streams.close`` in a ``finally`` then aborts the request on its
-worker and releases the scheduler's reservation.
+streaming response cancels its body iterator, and until the response starts ``until_disconnect`` watches for it,
+which the replica's own HTTP server would not do); ``Streams.close`` in a ``finally`` then aborts the request on
+its worker and releases the scheduler's reservation, and a request still queued leaves the queue.
 """
 
 
@@ -21,24 +23,28 @@ import math
 import time
 import uuid
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Awaitable, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import (FileResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response,
                                StreamingResponse)
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 from ray import serve
 
 from gpt2serve.actors import openai_api as oa
+from gpt2serve.actors.gate import Access, Gate, warn_if_open
 from gpt2serve.actors.http_listener import HTTPListener
+from gpt2serve.actors.lora_registry import allowed_adapter_dir
 from gpt2serve.actors.metrics import SnapshotCollector
 from gpt2serve.actors.protocol import LoRARef
 from gpt2serve.actors.routing import ROUTING_POLICIES
 from gpt2serve.actors.settings import ServiceConfig
 from gpt2serve.actors.streams import Job, Streams, detached
 from gpt2serve.engine.errors import InvalidRequestError
+from gpt2serve.engine.lora import LoRAError
 from gpt2serve.engine.loader import load_hf_config
 from gpt2serve.engine.metrics import WORKER_METRICS, merge_families
 from gpt2serve.engine.sampling_params import SamplingParams
@@ -47,6 +53,11 @@ from gpt2serve.engine.tokenizer import load_tokenizer
 log = logging.getLogger("ray.serve")
 
 app = FastAPI(title="gpt2-serve", docs_url=None, redoc_url=None)
+T = TypeVar("T")
+# Text longer than this is tokenized on a thread, so that one long prompt does not hold up every other stream's
+# tokens on this event loop; shorter text costs less than the hop to a thread.
+INLINE_TOKENIZE_CHARS = 2048
+JSON_TYPES = ("application/json",)
 
 
 def error_response(exc: oa.APIError) -> JSONResponse:
@@ -59,11 +70,56 @@ async def _api_error(request: Request, exc: oa.APIError) -> JSONResponse:
     return error_response(exc)
 
 
+def internal_error(where: str) -> oa.APIError:
+    """A bug, or the scheduler itself unreachable: logged with an id the client gets, and nothing of the
+    exception itself (its text may quote the request or the server's files)."""
+    error_id = uuid.uuid4().hex[:12]
+    log.exception("unexpected error %s serving %s", error_id, where)
+    return oa.APIError(500, f"internal error {error_id}: the service logged it")
+
+
 @app.exception_handler(Exception)
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-    # A bug, or the scheduler itself unreachable: still an OpenAI-shaped body, never Starlette's plain text.
-    log.exception("unexpected error serving %s", request.url.path)
-    return error_response(oa.APIError(500, f"internal error: {exc!r}"))
+    return error_response(internal_error(request.url.path))  # an OpenAI-shaped body, never Starlette's text
+
+
+def _replica_access() -> Access | None:
+    return getattr(_replica(), "access", None)
+
+
+app.add_middleware(Gate, policy=_replica_access)
+
+
+async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """``work``, unless the client hangs up first: then ``work`` is cancelled (a request waiting in the global
+    queue leaves it, one already started is aborted) and ClientGone raised. Serve's proxy cancels the handler
+    itself on a disconnect; the replica's own HTTP server only reports it on ``receive``, which nobody calls
+    between reading the body and sending the response, so without this a queued request would run for nobody.
+    For a body already read, the next message can only be the disconnect."""
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:  # also when this handler is cancelled: the work goes with it
+        watch.cancel()
+        if not task.done():
+            task.cancel()
+    if task.done() and not task.cancelled():
+        return task.result()
+    try:
+        await task  # its cleanup (leaving the queue, closing the streams) runs before the handler returns
+    except BaseException:  # noqa: BLE001 - cancelled, or failed on its way out: the client is gone either way
+        pass
+    raise ClientGone()
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        await asyncio.sleep(0.05)  # not expected once the body is read; never a busy loop if it happens
+
+
+class ClientGone(Exception):
+    """The client disconnected before its response started."""
 
 
 class ClosingStreamingResponse(StreamingResponse):
@@ -146,12 +202,16 @@ class LiveView:
         }
 
 
-def _replica_ready() -> bool:
+def _replica() -> "Ingress | None":
     """The routes find their Ingress through the replica context, which Serve fills once __init__ has returned."""
     try:
-        return serve.get_replica_context().servable_object is not None
+        return serve.get_replica_context().servable_object
     except Exception:  # noqa: BLE001 - no context yet
-        return False
+        return None
+
+
+def _replica_ready() -> bool:
+    return _replica() is not None
 
 
 @serve.ingress(app)
@@ -193,6 +253,10 @@ class Ingress:
         self.loras: dict[str, LoRARef] = {}  # name -> load: the scheduler's registry, as last seen
         merged = next((m for m in cfg.engine.lora_modules if m.merge), None)
         self.merged_lora, self.merged_root = (merged.name, merged.path) if merged else (None, None)
+        self.access = Access(cfg.api_keys, cfg.cors_allowed_origins)
+        warn_if_open(self.access, cfg.http_listener.host if cfg.http_listener else None)
+        self.lora_roots = [Path(root).resolve() for root in cfg.lora_allowed_roots]
+        self.tokenizing = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
         self.listener = None
         if cfg.http_listener is not None:
             listen = cfg.http_listener
@@ -232,8 +296,13 @@ class Ingress:
     async def load_lora_adapter(self, request: Request) -> Response:
         """Load a PEFT adapter on every worker; from then on requests may name it in ``model``."""
         try:
+            self._require_lora_updating()
             body = await self._parse(request, oa.LoadLoRAAdapterRequest)
-            status, message = await self.scheduler.load_lora.remote(body.lora_name, body.lora_path)
+            try:
+                path = allowed_adapter_dir(body.lora_path, self.lora_roots)
+            except LoRAError as e:
+                raise oa.APIError(400, str(e), "lora_path")
+            status, message = await self.scheduler.load_lora.remote(body.lora_name, path)
         except oa.APIError as e:
             return error_response(e)
         if status != 200:
@@ -245,6 +314,7 @@ class Ingress:
     async def unload_lora_adapter(self, request: Request) -> Response:
         """Stop serving an adapter: new requests naming it get 404; requests already admitted finish with it."""
         try:
+            self._require_lora_updating()
             body = await self._parse(request, oa.UnloadLoRAAdapterRequest)
             status, message = await self.scheduler.unload_lora.remote(body.lora_name)
         except oa.APIError as e:
@@ -253,6 +323,10 @@ class Ingress:
             return error_response(oa.APIError(status, message, "lora_name"))
         await self._refresh_loras()
         return PlainTextResponse(message)
+
+    def _require_lora_updating(self) -> None:
+        if not self.cfg.allow_runtime_lora_updating:
+            raise oa.APIError(404, "runtime LoRA loading is off on this service (allow_runtime_lora_updating)")
 
     @app.get("/metrics")
     async def metrics(self) -> Response:
@@ -302,23 +376,22 @@ class Ingress:
         arrival = time.monotonic()
         try:
             body = await self._parse(request, oa.CompletionRequest)
-            lora = await self._resolve_model(body.model)
-            for name, unsupported in (("echo", body.echo), ("suffix", body.suffix),
-                                      ("best_of", body.best_of not in (None, body.n))):
-                if unsupported:
-                    raise oa.APIError(400, f"{name} is not supported", name)
-            prompts = [self._tokenize(p) for p in body.prompts()]
-            params = self._params(body, prompts, body.max_tokens, body.logprobs)
             rid = self._request_id(request)
-            jobs = await self._start_all(rid, prompts, params, body.priority, arrival, lora)
+            lora = await self._resolve_model(body.model)
+            prompts = await self._tokenize_all(body.prompts())
+            params = self._params(body, prompts, body.max_tokens, body.logprobs)
+            jobs = await until_disconnect(request, self._start_all(rid, prompts, params, body.priority, arrival,
+                                                                   lora))
         except oa.APIError as e:
             return self._fail(e)
+        except ClientGone:
+            return self._gone()
         first_at = time.monotonic()
         resp = {"id": f"cmpl-{rid}", "object": "text_completion", "created": oa.now_s(), "model": self.cfg.model_name}
         if body.stream:
             events = self._completion_events(jobs, resp, params, body.include_usage, arrival, first_at)
             return self._sse(events, jobs)
-        return await self._respond(jobs, arrival, first_at, params.n, lambda choices: {**resp, "choices": [
+        return await self._respond(request, jobs, arrival, first_at, params.n, lambda choices: {**resp, "choices": [
             {"index": c.index, "text": "".join(c.text), "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
              "logprobs": (oa.completion_logprobs(c.logprobs, self.token_text, 0)[0]
                           if params.logprobs is not None else None)} for c in choices]})
@@ -328,17 +401,18 @@ class Ingress:
         arrival = time.monotonic()
         try:
             body = await self._parse(request, oa.ChatCompletionRequest)
+            rid = self._request_id(request)
             lora = await self._resolve_model(body.model)
-            if body.top_logprobs is not None and not body.logprobs:
-                raise oa.APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
-            prompts = [self._tokenize(oa.render_chat(body.messages), param="messages")]
+            prompts = await self._tokenize_all([body.messages], param="messages")
             max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
             top_n = (body.top_logprobs or 0) if body.logprobs else None
             params = self._params(body, prompts, max_tokens, top_n, param="messages")
-            rid = self._request_id(request)
-            jobs = await self._start_all(rid, prompts, params, body.priority, arrival, lora)
+            jobs = await until_disconnect(request, self._start_all(rid, prompts, params, body.priority, arrival,
+                                                                   lora))
         except oa.APIError as e:
             return self._fail(e)
+        except ClientGone:
+            return self._gone()
         first_at = time.monotonic()
         resp = {"id": f"chatcmpl-{rid}", "object": "chat.completion", "created": oa.now_s(),
                 "model": self.cfg.model_name}
@@ -346,24 +420,45 @@ class Ingress:
             events = self._chat_events(jobs, {**resp, "object": "chat.completion.chunk"}, params, body.include_usage,
                                        arrival, first_at)
             return self._sse(events, jobs)
-        return await self._respond(jobs, arrival, first_at, params.n, lambda choices: {**resp, "choices": [
+        return await self._respond(request, jobs, arrival, first_at, params.n, lambda choices: {**resp, "choices": [
             {"index": c.index, "message": {"role": "assistant", "content": "".join(c.text)},
              "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
              "logprobs": oa.chat_logprobs(c.logprobs, self.token_text, top_n) if top_n is not None else None}
             for c in choices]})
 
     # ------------------------------------------------------------------ validation
-    async def _parse(self, request: Request, model: type[BaseModel]) -> Any:
+    async def _parse(self, request: Request, model: type[oa._Request]) -> Any:
+        """The one way in for a POST body: JSON by its content type (a form or text/plain POST, which any web
+        page can send without asking, is 415), at most ``max_request_body_bytes`` (413), parsed by pydantic's
+        own parser (bounded nesting; no NaN, no lone surrogates, no 5,000-digit numbers into a field), then
+        the service's limits."""
+        kind = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+        if kind not in JSON_TYPES:
+            raise oa.APIError(415, f"the request body must be JSON (Content-Type: application/json), got "
+                                   f"{kind or 'no content type'!r}")
+        body = await self._read_body(request)
         try:
-            data = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise oa.APIError(400, f"the request body is not valid JSON: {e}")
-        try:
-            return model.model_validate(data)
+            parsed = model.model_validate_json(body)
         except ValidationError as e:
-            err = e.errors()[0]
+            err = e.errors(include_url=False)[0]
             loc = ".".join(str(x) for x in err["loc"] if not isinstance(x, int) and "[" not in str(x)) or None
-            raise oa.APIError(400, f"{loc or 'body'}: {err['msg']}", loc)
+            raise oa.APIError(400, f"{loc or 'body'}: {err['msg']}"[:500], loc)
+        parsed.check(self.cfg.limits)
+        return parsed
+
+    async def _read_body(self, request: Request) -> bytes:
+        limit = self.cfg.max_request_body_bytes
+        too_large = oa.APIError(413, f"the request body is larger than {limit} bytes (max_request_body_bytes)")
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise too_large
+        chunks, size = [], 0
+        async for chunk in request.stream():  # a chunked body has no length to check up front
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     async def _resolve_model(self, name: str | None) -> LoRARef | None:
         """The adapter a request's ``model`` names (None: the base model); 404 if it names nothing served. From
@@ -382,8 +477,23 @@ class Ingress:
         self.loras = {ref.name: ref for ref in listing["adapters"]}
         return listing["adapters"]
 
-    def _tokenize(self, prompt: str | list[int], param: str = "prompt") -> list[int]:
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
+    async def _tokenize_all(self, prompts: list[str | list[int] | list[oa.ChatMessage]],
+                            param: str = "prompt") -> list[list[int]]:
+        """Token ids of each prompt (text, ids, or chat messages to render), checked; on a thread when long."""
+        size = sum(len(p) if isinstance(p, str) else sum(len(m.text()) for m in p if isinstance(m, oa.ChatMessage))
+                   for p in prompts)  # token ids count nothing: there is nothing to tokenize
+        if size <= INLINE_TOKENIZE_CHARS:
+            return [self._tokenize(p, param) for p in prompts]
+        return await asyncio.get_running_loop().run_in_executor(
+            self.tokenizing, lambda: [self._tokenize(p, param) for p in prompts])
+
+    def _tokenize(self, prompt: str | list[int] | list[oa.ChatMessage], param: str = "prompt") -> list[int]:
+        if prompt and isinstance(prompt[0], oa.ChatMessage):
+            prompt = oa.render_chat(prompt)
+        try:
+            ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
+        except (UnicodeError, ValueError) as e:  # text the tokenizer cannot take
+            raise oa.APIError(400, f"the {param} could not be tokenized: {type(e).__name__}", param)
         if not ids:
             raise oa.APIError(400, "the prompt is empty", param)
         bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
@@ -416,12 +526,20 @@ class Ingress:
 
     def _request_id(self, request: Request) -> str:
         # Serve's proxy passes the client's X-Request-Id through (or makes one up) and echoes it in the response.
+        # It names the request in the engine, in logs and in response ids: bounded, printable.
         given = request.headers.get("x-request-id")
+        limit = self.cfg.limits.max_request_id_length
+        if given and (len(given) > limit or not given.isprintable()):
+            raise oa.APIError(400, f"X-Request-Id must be at most {limit} printable characters", "X-Request-Id")
         return given if given else uuid.uuid4().hex
 
     def _fail(self, e: oa.APIError) -> JSONResponse:
         self.m_requests.labels(str(e.status)).inc()
         return error_response(e)
+
+    def _gone(self) -> Response:
+        self.m_requests.labels("499").inc()  # nginx's "client closed request": nobody reads this answer
+        return Response(status_code=499)
 
     async def _start_all(self, rid: str, prompts: list[list[int]], params: SamplingParams, priority: int,
                          arrival: float, lora: LoRARef | None = None) -> list[Job]:
@@ -446,16 +564,23 @@ class Ingress:
             self.m_tpot.observe((end - first_at) / (tokens - 1))
 
     # ------------------------------------------------------------------ responses
-    async def _respond(self, jobs: list[Job], arrival: float, first_at: float, n: int, build) -> Response:
+    async def _respond(self, request: Request, jobs: list[Job], arrival: float, first_at: float, n: int,
+                       build) -> Response:
         choices: dict[int, oa.Choice] = {}
-        try:
+
+        async def collect() -> None:
             async for i, item in self.streams.merged(jobs):
                 for d in item.seqs:
                     idx = i * n + d.index
                     choices.setdefault(idx, oa.Choice(idx)).add(d)
+
+        try:
+            await until_disconnect(request, collect())  # a client gone mid-generation stops it
         except oa.APIError as e:
             self._finished(arrival, first_at, 0, e.status)
             return error_response(e)
+        except ClientGone:
+            return self._gone()
         finally:
             self.streams.close(jobs)
         ordered = [choices[k] for k in sorted(choices)]
@@ -471,8 +596,7 @@ class Ingress:
                     yield b"data: " + json.dumps(event, separators=(",", ":")).encode() + b"\n\n"
             except Exception as e:  # noqa: BLE001 - headers are sent: the error becomes the stream's last event
                 if not isinstance(e, oa.APIError):
-                    log.exception("stream failed")
-                    e = oa.APIError(500, f"internal error: {e!r}")
+                    e = internal_error("a stream")
                 self.m_requests.labels(str(e.status)).inc()
                 yield b"data: " + json.dumps(e.body()).encode() + b"\n\n"
             finally:

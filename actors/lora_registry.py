@@ -24,6 +24,7 @@ import itertools
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from gpt2serve.actors.protocol import LoRARef
@@ -38,6 +39,22 @@ log = logging.getLogger("ray.serve")
 class LoRASnapshot:
     version: int
     adapters: dict[str, LoRARef] = field(default_factory=dict)  # name -> load
+
+
+def allowed_adapter_dir(path: str, roots: list[Path]) -> str:
+    """``path`` with its symbolic links resolved, if that is a directory under one of ``roots`` (resolved
+    already); else LoRAError, with one message whether the path is missing or outside the roots, so that a
+    client cannot probe which paths exist. The resolved path is what the workers read, so a link changed after
+    this check changes nothing."""
+    try:
+        real = Path(path).resolve(strict=True)
+        allowed = real.is_dir() and any(real == root or root in real.parents for root in roots)
+    except (OSError, RuntimeError, ValueError):  # missing, a loop of links, a NUL byte
+        allowed = False
+    if not allowed:
+        raise LoRAError(f"LoRA adapter path {path!r} is not an adapter directory this service may load "
+                        "(lora_allowed_roots)")
+    return str(real)
 
 
 class LoRARegistry:

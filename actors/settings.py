@@ -17,8 +17,11 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from gpt2serve.engine.config import EngineConfig
 from gpt2serve.engine.metrics import CostConfig
+from gpt2serve.engine.sampling_params import MAX_LOGPROBS
 
 ENV_PREFIX = "GPT2SERVE_"
+API_KEY_ENV = ENV_PREFIX + "API_KEY"
+LORA_UPDATING_ENV = ENV_PREFIX + "ALLOW_RUNTIME_LORA_UPDATING"
 # Serve's own cap on concurrent calls per replica (default 5) would throttle an engine that batches by itself;
 # every deployment gets far more than any batch, and admission is done by the scheduler instead.
 DEFAULT_MAX_ONGOING = 4096
@@ -69,6 +72,22 @@ class HTTPListenerSettings(BaseModel):
     graceful_shutdown_s: float = Field(30.0, ge=0, description="On shutdown, how long requests in flight get.")
 
 
+class RequestLimits(BaseModel):
+    """What one request may ask for, past which it gets a 400 naming the field: each of these costs CPU on the
+    ingress or on the engine's step thread per sequence per step, so none is left unbounded."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_stop: int = Field(16, ge=0, description="Stop strings per request (every one is checked on every step).")
+    max_stop_length: int = Field(256, ge=1, description="Characters in one stop string.")
+    max_stop_token_ids: int = Field(64, ge=0, description="stop_token_ids per request.")
+    max_batch_sequences: int = Field(
+        128, ge=1, description="Prompts of one completions request times n: the sequences one request starts.")
+    max_logprobs: int = Field(MAX_LOGPROBS, ge=0, le=MAX_LOGPROBS, description="logprobs / top_logprobs.")
+    max_messages: int = Field(256, ge=1, description="Messages in one chat request.")
+    max_request_id_length: int = Field(128, ge=1, description="Characters in a client's X-Request-Id.")
+
+
 class ServiceConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
@@ -114,6 +133,23 @@ class ServiceConfig(BaseModel):
         "proxy_location: Disabled so that Serve's proxy does not hold it). None: through Serve's HTTP proxy.")
     max_n: int = Field(16, ge=1, description="Largest n a request may ask for.")
 
+    # --- security and limits (docs/serving.md#security-and-limits) ---
+    api_keys: list[str] = Field(
+        default_factory=list, repr=False, description="Keys a client must send as `Authorization: Bearer <key>` on "
+        "every route but /health and the playground's static files; GPT2SERVE_API_KEY adds more (comma-separated). "
+        "None: the service is open (and says so in its log when it listens beyond this machine).")
+    allow_runtime_lora_updating: bool = Field(
+        False, description="Serve /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM: "
+        "VLLM_ALLOW_RUNTIME_LORA_UPDATING); needs engine.enable_lora and lora_allowed_roots.")
+    lora_allowed_roots: list[str] = Field(
+        default_factory=list, description="Directories under which /v1/load_lora_adapter may read adapters "
+        "(symbolic links resolved before the check).")
+    cors_allowed_origins: list[str] = Field(
+        default_factory=list, description="Origins whose pages may call the API from a browser ('*': any). "
+        "Empty: none (closed).")
+    max_request_body_bytes: int = Field(2 << 20, ge=1, description="Larger POST bodies get HTTP 413.")
+    limits: RequestLimits = Field(default_factory=RequestLimits)
+
     # --- deployments ---
     ingress: DeploymentSettings = Field(
         default_factory=lambda: DeploymentSettings(ray_actor_options={"num_cpus": 1}))
@@ -128,6 +164,13 @@ class ServiceConfig(BaseModel):
         # The global queue lives in one process; two schedulers would each admit against stale reservations.
         if self.scheduler.autoscaling_config is not None or (self.scheduler.num_replicas or 1) != 1:
             raise ValueError("the scheduler deployment holds the global queue: it must have exactly one replica")
+        return self
+
+    @model_validator(mode="after")
+    def _lora_updating_has_roots(self) -> "ServiceConfig":
+        if self.allow_runtime_lora_updating and not (self.engine.enable_lora and self.lora_allowed_roots):
+            raise ValueError("allow_runtime_lora_updating needs engine.enable_lora: true and lora_allowed_roots "
+                             "(the directories adapters may be loaded from)")
         return self
 
     @property
@@ -159,5 +202,9 @@ class ServiceConfig(BaseModel):
                 engine[key] = value
             else:
                 merged[key] = value
+        if env.get(API_KEY_ENV):  # a secret: kept out of config files, added to theirs
+            merged["api_keys"] = [*merged.get("api_keys", []), *filter(None, env[API_KEY_ENV].split(","))]
+        if env.get(LORA_UPDATING_ENV):
+            merged["allow_runtime_lora_updating"] = yaml.safe_load(env[LORA_UPDATING_ENV])
         merged["engine"] = engine
         return cls(**merged)

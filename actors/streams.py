@@ -11,7 +11,9 @@ If the channel fails (the worker died), every request on it gets the error at on
 
 ``close`` ends a request, finished or not: an unfinished one is aborted on its worker, and the scheduler's
 reservation is released. It is synchronous on purpose: it runs when a client disconnects, inside a cancelled
-anyio scope where every ``await`` raises again, so it only starts background tasks.
+anyio scope where every ``await`` raises again, so it only starts background tasks. A batch of prompts is one
+request: when one prompt cannot start (refused, or its worker lost), ``start_all`` cancels the others before
+closing them all.
 
 Calls to the workers are made *detached* from the HTTP request being served. Serve ties a handle call to the
 request in whose context it is made: it cancels the call when that request is cancelled, and it matches
@@ -128,9 +130,19 @@ class Streams:
         # Engine ids must be unique even when two clients send the same X-Request-Id.
         base = f"{rid}-{uuid.uuid4().hex[:8]}"
         jobs = [Job(f"{base}-{i}", ids, n=params.n) for i, ids in enumerate(prompts)]
+        starts = [asyncio.ensure_future(self.start(job, params, priority, lora)) for job in jobs]
         try:
-            await asyncio.gather(*(self.start(job, params, priority, lora) for job in jobs))
+            await asyncio.gather(*starts)
         except BaseException:
+            # One prompt failed (or the client left): the whole request has failed, so its siblings must not
+            # run for nobody. gather leaves them running; cancelled, a queued one leaves the global queue
+            # (``_admit``), and once they have stopped, ``close`` aborts and releases whatever they reached.
+            for start in starts:
+                start.cancel()
+            await asyncio.wait(starts)
+            for start in starts:  # the errors after the first are the same failure: retrieved, not reported
+                if not start.cancelled():
+                    start.exception()
             self.close(jobs)
             raise
         return jobs

@@ -12,10 +12,27 @@ const tokenInfo = new WeakMap(); // token span -> [{token, logprob, top}] for it
 let controller = null; // the running request's AbortController
 let replicaDollarsPerHour = 0; // from the live view: what one worker replica costs
 
+// ---------------------------------------------------------------------- the API key
+// A service with api_keys answers 401 without one (docs/serving.md, "Security and limits"). The page asks for
+// the key when that happens and keeps it for this tab only (sessionStorage); the live view never asks.
+const KEY_STORE = "gpt2serve-api-key";
+
+async function api(url, init = {}, ask = true) {
+  for (;;) {
+    const key = sessionStorage.getItem(KEY_STORE);
+    const headers = { ...(init.headers || {}), ...(key ? { Authorization: `Bearer ${key}` } : {}) };
+    const r = await fetch(url, { ...init, headers });
+    if (r.status !== 401 || !ask) return r;
+    const given = window.prompt(key ? "That API key was refused. API key:" : "This service needs an API key:");
+    if (!given || !given.trim()) return r; // cancelled: the 401's own message is shown
+    sessionStorage.setItem(KEY_STORE, given.trim());
+  }
+}
+
 // ---------------------------------------------------------------------- models
 async function loadModels() {
   try {
-    const r = await fetch(new URL("models", API));
+    const r = await api(new URL("models", API));
     const body = await r.json();
     if (!r.ok) throw new Error(apiMessage(body, r));
     // Every id is listed: the base model, then each LoRA adapter the service serves.
@@ -54,7 +71,7 @@ async function generate() {
   showRequestStats(run);
   let state = "done";
   try {
-    const r = await fetch(new URL("completions", API), {
+    const r = await api(new URL("completions", API), {
       method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(requestBody()),
       signal: mine.signal,
     });
@@ -208,7 +225,7 @@ function showTip(event) {
 // ---------------------------------------------------------------------- live view
 async function pollStats() {
   try {
-    const r = await fetch(STATS);
+    const r = await api(STATS, {}, false);
     if (!r.ok) throw new Error(`HTTP ${r.status}`);
     showLive(await r.json());
     $("live").classList.remove("stale");

@@ -87,9 +87,10 @@ class Service:
 
 
 @contextmanager
-def side_app(service: Service, name: str, route: str, engine: dict, workers: int = 1):
+def side_app(service: Service, name: str, route: str, engine: dict, workers: int = 1, **settings):
     """Another application beside the session's, on the same Serve instance (quarter-CPU replicas, fast
-    heartbeats): yields its ``Service`` once its workers registered, deletes it afterwards."""
+    heartbeats, any other ``settings`` of ``ServiceConfig``): yields its ``Service`` once its workers
+    registered, deletes it afterwards."""
     from ray import serve
 
     from gpt2serve import serve_app
@@ -98,7 +99,7 @@ def side_app(service: Service, name: str, route: str, engine: dict, workers: int
     serve.run(serve_app.build_app({
         "engine": engine, "served_model_name": MODEL_NAME, "heartbeat_interval_s": 0.2,
         "channel_idle_s": CHANNEL_IDLE_S, "ingress": quarter, "scheduler": quarter,
-        "worker": {**quarter, "num_replicas": workers}}), name=name, route_prefix=route)
+        "worker": {**quarter, "num_replicas": workers}, **settings}), name=name, route_prefix=route)
     svc = Service(service.proxy_url + route, service.proxy_url, service.engine, app=name)
     try:
         svc.wait_for_workers(workers)

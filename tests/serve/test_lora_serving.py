@@ -74,7 +74,8 @@ def expected(service, dirs, prompts):
 def app(service, dirs):
     engine = {**service.engine.model_dump(mode="json"), "enable_lora": True, "max_loras": 2, "max_lora_rank": MAX_RANK,
               "lora_modules": [{"name": "business", "path": str(dirs["business"])}]}
-    with side_app(service, APP, ROUTE, engine, workers=2) as svc:
+    with side_app(service, APP, ROUTE, engine, workers=2, allow_runtime_lora_updating=True,
+                  lora_allowed_roots=[str(dirs["business"].parent)]) as svc:
         yield svc
 
 
@@ -117,8 +118,13 @@ def test_adapters_are_listed_and_bad_input_gets_4xx(app, dirs, prompts, expected
             r = await load("big", dirs["too-big"])
             assert r.status_code == 400
             assert r.json()["error"]["message"] == f"adapter rank {2 * MAX_RANK} exceeds max_lora_rank {MAX_RANK}"
-            r = await load("missing", dirs["broken"] / "nowhere")
-            assert r.status_code == 400 and "does not exist" in r.json()["error"]["message"]
+            # Missing and outside the allowed roots: one message, which tells nothing about what exists.
+            messages = set()
+            for path in (dirs["broken"] / "nowhere", dirs["broken"].parent.parent, "/etc", "/nowhere"):
+                r = await load("missing", path)
+                assert r.status_code == 400 and r.json()["error"]["param"] == "lora_path"
+                messages.add(r.json()["error"]["message"].replace(repr(str(path)), "<path>"))
+            assert len(messages) == 1 and "lora_allowed_roots" in messages.pop()
             r = await load("business", dirs["verse"])
             assert r.status_code == 400 and "already been loaded" in r.json()["error"]["message"]
             r = await client.post("/v1/load_lora_adapter", json={"lora_name": "x"})

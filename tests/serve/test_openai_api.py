@@ -9,6 +9,7 @@ from pydantic import ValidationError
 from gpt2serve.actors import openai_api as oa
 from gpt2serve.actors.protocol import TokenLogprob
 from gpt2serve.actors.replica_router import PinnedReplicaRouter
+from gpt2serve.actors.settings import RequestLimits
 from gpt2serve.engine.errors import InvalidRequestError
 
 
@@ -43,9 +44,52 @@ def test_bad_sampling_values_name_their_field():
         with pytest.raises(InvalidRequestError) as e:
             oa.CompletionRequest(prompt="x", **{field: value}).sampling_params(4, None)
         assert e.value.param == field
-    with pytest.raises(InvalidRequestError) as e:
-        oa.CompletionRequest(prompt="x", logit_bias={"1": 5}).sampling_params(4, None)
-    assert e.value.param == "logit_bias"
+
+
+LIMITS = RequestLimits(max_stop=2, max_stop_length=4, max_stop_token_ids=3, max_batch_sequences=4, max_logprobs=5,
+                       max_messages=2)
+
+
+def refused(req) -> oa.APIError:
+    with pytest.raises(oa.APIError) as e:
+        req.check(LIMITS)
+    assert e.value.status == 400
+    return e.value
+
+
+def test_unimplemented_fields_are_refused_by_name_unless_they_change_nothing():
+    e = refused(oa.CompletionRequest(prompt="x", logit_bias={"1": 5}, tools=[{"type": "function"}], min_tokens=3))
+    assert e.param == "logit_bias" and all(f in e.message for f in ("logit_bias", "tools", "min_tokens"))
+    assert refused(oa.CompletionRequest(prompt="x", best_of=3)).param == "best_of"
+    chat = [{"role": "user", "content": "x"}]
+    assert refused(oa.ChatCompletionRequest(messages=chat, response_format={"type": "json_object"})).param == (
+        "response_format")
+    for noop in ({"echo": False}, {"response_format": {"type": "text"}}, {"tools": []}, {"min_tokens": 0},
+                 {"best_of": 1}, {"frobnicate": 1}, {"logit_bias": None}):
+        oa.CompletionRequest(prompt="x", **noop).check(LIMITS)
+
+
+def test_limits_name_their_field():
+    cases = [(dict(prompt="x", stop=["a", "b", "c"]), "stop"), (dict(prompt="x", stop="abcde"), "stop"),
+             (dict(prompt="x", stop_token_ids=[1, 2, 3, 4]), "stop_token_ids"),
+             (dict(prompt=["a", "b", "c"], n=2), "prompt"), (dict(prompt="x", logprobs=6), "logprobs")]
+    for fields, param in cases:
+        assert refused(oa.CompletionRequest(**fields)).param == param
+    chat = [{"role": "user", "content": "x"}]
+    assert refused(oa.ChatCompletionRequest(messages=chat * 3)).param == "messages"
+    assert refused(oa.ChatCompletionRequest(messages=chat, logprobs=True, top_logprobs=6)).param == "top_logprobs"
+    assert refused(oa.ChatCompletionRequest(messages=chat, top_logprobs=2)).param == "top_logprobs"
+    oa.CompletionRequest(prompt=["a", "b"], n=2, stop=["ab", "cd"], stop_token_ids=[1, 2, 3], logprobs=5).check(LIMITS)
+
+
+@pytest.mark.parametrize("body", [
+    b'{"prompt": "x", "max_tokens": ' + b"9" * 5000 + b"}", b'{"prompt": "x", "temperature": Infinity}',
+    b'{"prompt": "x", "top_p": NaN}', b'{"prompt": "\\ud800"}', b'{"prompt": "x", "seed": 18446744073709551616}',
+    b'{"prompt": "x", "priority": 2147483648}', b'{"prompt": [1, 2147483648]}', b'{"prompt": "x", "stop": ' +
+    b"[" * 300 + b"]" * 300 + b"}", b'{"prompt": "x", "temperature": 1e400}', b'{"prompt": "\xed\xa0\x80"}'])
+def test_hostile_numbers_and_strings_fail_at_parse_time(body):
+    with pytest.raises(ValidationError):
+        oa.CompletionRequest.model_validate_json(body)
 
 
 def test_chat_template_and_content_parts():

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from tests.conftest import wait_for
-from tests.serve.conftest import MODEL_NAME
+from tests.serve.conftest import MODEL_NAME, side_app
 
 pytestmark = [pytest.mark.ray, pytest.mark.browser, pytest.mark.timeout(120)]
 
@@ -156,6 +156,27 @@ def test_stop_aborts_the_request_and_frees_its_blocks(page, api, service):
     # The page's own live view, fed by the same endpoint, comes back to an empty pool too.
     wait_for(lambda: text(page, "live-kv").startswith(f"0 / {total} "), 5, "the live view to show a free pool")
     print(f"blocks freed {freed_s:.2f} s after Stop")
+
+
+def test_the_page_asks_for_the_key_of_a_service_that_needs_one(browser, service):
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    engine = service.engine.model_dump(mode="json")
+    with side_app(service, "gpt2-page-keys", "/page-keys", engine, api_keys=["sk-page"]) as svc:
+        browser.get(f"{svc.base_url}/playground/")  # the page itself needs no key
+        alert = WebDriverWait(browser, 10).until(expected_conditions.alert_is_present())
+        assert "API key" in alert.text
+        alert.send_keys("sk-page")
+        alert.accept()
+        wait_for(lambda: browser.execute_script("return document.getElementById('model').options.length"), 10,
+                 "the model picker filled with the key")
+        assert browser.execute_script("return sessionStorage.getItem('gpt2serve-api-key')") == "sk-page"
+        fill(browser, prompt=PROMPT, temperature=0, max_tokens=8)
+        browser.find_element("id", "generate").click()
+        wait_for(lambda: state(browser) == "done", 20, "a generation with the key")
+        assert text(browser, "tokens") == "8"
+        browser.execute_script("sessionStorage.clear()")
 
 
 @pytest.mark.parametrize("field,value", [("max_tokens", -5), ("temperature", -1)])

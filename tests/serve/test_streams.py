@@ -300,3 +300,43 @@ def test_a_cancel_that_comes_after_the_admission_still_gives_the_reservation_bac
         assert released[0].startswith("r-") and released[1] is False
 
     asyncio.run(go())
+
+
+def test_a_prompt_refused_in_a_batch_cancels_its_siblings():
+    """Nothing runs for nobody: when one prompt of a batch is refused, the queued ones leave the queue (their
+    admit calls are cancelled) and the started ones are aborted and released; none is submitted afterwards."""
+
+    async def go():
+        scheduler, worker = FakeScheduler([]), FakeWorker()
+        queued = asyncio.Event()
+        calls = []
+
+        async def verdict(req):
+            index = int(req.request_id.rsplit("-", 1)[1])
+            if index == 0:
+                return Admission("w1")
+            if index == 1:
+                await queued.wait()  # admitted only once the refusal has come: too late for the client
+                return Admission(None, 429, "full", 2.0)
+            await asyncio.Event().wait()  # waits in the global queue
+
+        def admit(req):
+            calls.append(Call(verdict(req)))
+            return calls[-1]
+
+        scheduler.admit = Method(admit)
+        streams = Streams(scheduler, worker, max_model_len=64)
+        start = asyncio.create_task(streams.start_all("r", [[1], [2], [3]], params(), 0))
+        await settle()
+        ((first, _),) = worker.submitted
+        worker.emit(first, "x")
+        queued.set()
+        with pytest.raises(APIError) as e:
+            await start
+        assert e.value.status == 429
+        await settle()
+        assert calls[2].cancelled and not calls[0].cancelled  # the queued prompt left the queue
+        assert worker.aborted == [first] and scheduler.released == [(first, False)]
+        assert [rid for rid, _ in worker.submitted] == [first]
+
+    asyncio.run(go())
