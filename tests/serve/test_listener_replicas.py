@@ -11,7 +11,7 @@ from tests.conftest import free_port
 from tests.serve.conftest import CHANNEL_IDLE_S, MODEL_NAME
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(180)]
-REQUESTS = 24
+REQUESTS = 25  # odd: the two replicas' counts differ, so each shows as its own value below
 
 
 def _answered(text: str) -> int:
@@ -44,7 +44,7 @@ def test_two_ingress_replicas_share_the_port_and_both_serve(service):
                 seen.add(_answered(c.get("/metrics").text))
             if len(seen) == 2:
                 break
-        # Two replicas, each with its own count; together they answered every request.
-        assert len(seen) == 2 and sum(seen) == REQUESTS, seen
+        # Two replicas, each with its own count; both answered some, together every request.
+        assert len(seen) == 2 and min(seen) > 0 and sum(seen) == REQUESTS, seen
     finally:
         serve.delete(name)
