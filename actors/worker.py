@@ -188,6 +188,10 @@ class ModelWorker:
         except (InvalidRequestError, LoRAError) as e:  # nothing was allocated
             self._end(run, WorkerError(str(e), getattr(e, "param", "model"), 400), invalid=True)
             return
+        except Exception as e:  # noqa: BLE001 - a bug building the request: this request fails, not the replica
+            log.exception("request %s could not be started", work.request_id)
+            self._end(run, WorkerError(f"the engine failed this request: {e!r}", None, 500))
+            return
         run.in_engine = True
 
     def _deliver(self, run: Running, out: RequestOutput | BaseException) -> None:
