@@ -218,6 +218,37 @@ def measure(window_s: float, out_dir: Path, tag: str, url: str | None = None) ->
             "stacks": {pid: summarize_stacks(out_dir / f"stacks_{tag}_{pid}.txt") for pid in procs}}
 
 
+def serve_env(model: str | None, load_format: str | None, engine_overrides: dict[str, str] | None = None,
+              ingress: str = "shipped") -> dict[str, str]:
+    """The environment of ``serve run`` on the cluster ``start_cluster`` starts: Serve's event-loop monitors every
+    0.1 s, the engine's overrides as GPT2SERVE_* variables, and the Serve flags of ``ingress``."""
+    env = {"RAY_ADDRESS": f"127.0.0.1:{RAY_PORT}", "RAY_SERVE_EVENT_LOOP_MONITORING_INTERVAL_S": "0.1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    if ingress in ("direct", "haproxy"):
+        env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
+    if ingress == "haproxy":
+        env["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
+    overrides = {"load_format": load_format, "model": model, **(engine_overrides or {})}
+    env.update({f"GPT2SERVE_{k.upper()}": str(v) for k, v in overrides.items() if v})
+    return env
+
+
+def profiled_w4(load: Load, urls: list[str], window_s: float | None = None, profile_dir: Path | None = None,
+                tag: str = "") -> tuple[dict, dict | None]:
+    """W4's closed loop against ``urls`` (its summary), and with ``window_s`` every Serve process measured for
+    that long in the middle of it (``measure``, stacks into ``profile_dir``)."""
+    box: dict = {}
+    client = threading.Thread(target=lambda: box.update(zip(("samples", "dur", "model"), run_http(
+        load, urls, min(4, load.concurrency)))))
+    client.start()
+    measured = None
+    if window_s is not None:
+        time.sleep(1.0 + (load.duration_s - window_s) / 2)
+        measured = measure(window_s, profile_dir, tag, urls[0])
+    client.join()
+    return summarize(box["samples"], box["dur"]), measured
+
+
 def proxy_variant(config: str) -> str:
     """The same config served through Serve's HTTP proxy on port 8000 instead of the ingress replicas' own
     listener (``http_listener``): the path every Serve feature flag below (direct ingress, HAProxy) starts from."""
@@ -276,19 +307,7 @@ def main(argv: list[str] | None = None) -> None:
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    env = {"RAY_ADDRESS": f"127.0.0.1:{RAY_PORT}", "RAY_SERVE_EVENT_LOOP_MONITORING_INTERVAL_S": "0.1",
-           "TOKENIZERS_PARALLELISM": "false"}
-    if args.ingress in ("direct", "haproxy"):
-        env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
-    if args.ingress == "haproxy":
-        env["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
-    if args.load_format:
-        env["GPT2SERVE_LOAD_FORMAT"] = args.load_format
-    if args.model:
-        env["GPT2SERVE_MODEL"] = args.model
-    for item in args.set:
-        k, v = item.split("=", 1)
-        env[f"GPT2SERVE_{k.upper()}"] = v
+    env = serve_env(args.model, args.load_format, dict(item.split("=", 1) for item in args.set), args.ingress)
     start_cluster(env)
     config = args.config if args.ingress == "shipped" else proxy_variant(args.config)
     server = ServeProcess(config, env, log_path=str(out_dir / f"serve_{args.ingress}.log"))
@@ -298,15 +317,8 @@ def main(argv: list[str] | None = None) -> None:
         urls = server.wait_ready(discover_direct_ingress if args.ingress == "direct" else
                                  (lambda: ["http://127.0.0.1:8000"]))
         load = Load(concurrency=args.concurrency, duration_s=args.duration, max_token_id=args.max_token_id)
-        box: dict = {}
-        client = threading.Thread(target=lambda: box.update(zip(("samples", "dur", "model"),
-                                                                run_http(load, urls, 4))))
-        client.start()
-        time.sleep(1.0 + (args.duration - args.window) / 2)
-        result["measured"] = measure(args.window, out_dir, args.ingress, urls[0])
+        result["w4"], result["measured"] = profiled_w4(load, urls, args.window, out_dir, args.ingress)
         names = actor_names()
-        client.join()
-        result["w4"] = summarize(box["samples"], box["dur"])
     finally:
         server.stop()
         stop_cluster()

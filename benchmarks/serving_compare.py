@@ -26,31 +26,21 @@ import json
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 from gpt2serve.benchmarks import profile_service as prof
-from gpt2serve.benchmarks.w4_serving import (Load, ServeProcess, _device_name, _git_commit, run_http,
-                                              run_in_process, summarize)
+from gpt2serve.benchmarks.w4_serving import (Load, ServeProcess, _device_name, _git_commit, run_in_process,
+                                              summarize)
 
 LOCUSTFILE = Path(__file__).resolve().parent.parent / "loadtests" / "locustfile.py"
 
 
 def w4_level(url: str, users: int, seconds: float, profile_dir: Path | None = None, tag: str = "") -> dict:
     """W4 at ``users`` streams against ``url``; with ``profile_dir``, the Serve processes are profiled meanwhile."""
-    load = Load(concurrency=users, duration_s=seconds)
-    box: dict = {}
-    client = threading.Thread(target=lambda: box.update(zip(("samples", "dur", "model"),
-                                                            run_http(load, [url], min(4, users)))))
-    client.start()
-    measured = None
-    if profile_dir is not None:
-        window = seconds / 2
-        time.sleep(1.0 + seconds / 4)
-        measured = prof.measure(window, profile_dir, tag, url)
-    client.join()
-    row = {"users": users, "seconds": seconds, **summarize(box["samples"], box["dur"])}
+    window = seconds / 2 if profile_dir is not None else None
+    summary, measured = prof.profiled_w4(Load(concurrency=users, duration_s=seconds), [url], window, profile_dir, tag)
+    row = {"users": users, "seconds": seconds, **summary}
     if measured is not None:
         row["profile"] = prof.process_rows(measured, window, row["out_tok_s"])
         row["event_loop_lag"] = measured["lag"]
@@ -82,16 +72,6 @@ def sweep(url: str, levels: list[int], level_s: float, pause_s: float, profile_l
     return rows
 
 
-def serve_env(args) -> dict[str, str]:
-    env = {"RAY_ADDRESS": f"127.0.0.1:{prof.RAY_PORT}", "RAY_SERVE_EVENT_LOOP_MONITORING_INTERVAL_S": "0.1",
-           "TOKENIZERS_PARALLELISM": "false"}
-    if args.model:
-        env["GPT2SERVE_MODEL"] = args.model
-    if args.load_format:
-        env["GPT2SERVE_LOAD_FORMAT"] = args.load_format
-    return env
-
-
 def run_ours(args, out: Path) -> dict:
     result: dict = {"server": "ours", "config": args.config, "commit": args.commit or _git_commit(),
                     "device": _device_name()}
@@ -99,7 +79,7 @@ def run_ours(args, out: Path) -> dict:
     for path, config in (("shipped", args.config), ("serve-proxy", prof.proxy_variant(args.config))):
         if path == "serve-proxy" and args.skip_proxy:
             continue
-        env = serve_env(args)
+        env = prof.serve_env(args.model, args.load_format)
         prof.start_cluster(env)
         server = ServeProcess(config, env, log_path=str(out / f"serve_{path}.log"))
         try:
