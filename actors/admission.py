@@ -149,9 +149,8 @@ class Dispatcher:
             if worker is None:
                 break
             self.routing.routed(req, worker, now)
-            new_tokens = req.max_new_tokens if req.reserve_new_tokens is None else req.reserve_new_tokens
             worker.inflight[req.request_id] = Reservation(
-                req.num_prompt_tokens + new_tokens * req.n, worker.blocks_for(req), req.n, now)
+                req.num_prompt_tokens + req.reserved_new_tokens * req.n, worker.blocks_for(req), req.n, now)
             self.assigned[req.request_id] = worker.worker_id
             placed.append((req, worker.worker_id))
         if placed:

@@ -71,6 +71,11 @@ class QueuedRequest:
     def num_tokens(self) -> int:
         return self.num_prompt_tokens
 
+    @property
+    def reserved_new_tokens(self) -> int:
+        """The output tokens per sequence its KV reservation counts (max_new_tokens until the dispatcher sets less)."""
+        return self.max_new_tokens if self.reserve_new_tokens is None else self.reserve_new_tokens
+
 
 class Admission(NamedTuple):
     """Scheduler → ingress: the verdict on one ``QueuedRequest``."""

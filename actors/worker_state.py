@@ -48,7 +48,7 @@ class WorkerState:
     def blocks_for(self, req: QueuedRequest, new_tokens: int | None = None) -> int:
         """KV blocks for ``req``'s prompt and ``new_tokens`` (default: what admission reserves for it)."""
         if new_tokens is None:
-            new_tokens = req.max_new_tokens if req.reserve_new_tokens is None else req.reserve_new_tokens
+            new_tokens = req.reserved_new_tokens
         # The last generated token is never fed back, so it needs no KV slot (as in the engine's own check).
         tokens = max(req.num_prompt_tokens + new_tokens - 1, 1)
         return req.n * math.ceil(tokens / self.block_size)
