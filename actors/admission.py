@@ -16,7 +16,8 @@ back-to-back decisions see each other. Workers' heartbeats add what only they kn
 waiting counts, which requests they really hold, which block hashes their prefix caches gained or lost: each
 worker's ``PrefixIndex``) and prove they are alive; a worker silent for
 ``worker_timeout_s`` is dropped, and a reservation its worker does not report for ``lease_grace_s`` is
-released (its ingress died before saying so).
+released (its ingress died before saying so). A request that waits longer than ``queue_timeout_s`` leaves
+the queue (``expire_waiting``), and its caller answers it 503 with Retry-After.
 
 Every method returns the requests it placed, so the caller (the Serve shell) can wake their waiters.
 """
@@ -92,7 +93,8 @@ class Dispatcher:
     def __init__(self, policy: SchedulingPolicy, routing: RoutingPolicy, *, max_queued_requests: int,
                  max_inflight_per_worker: int | None = None, kv_overcommit: float = 1.0,
                  worker_timeout_s: float = 10.0, lease_grace_s: float = 30.0, min_retry_after_s: float = 1.0,
-                 reserve_output: str = "max_tokens", clock: Callable[[], float] = time.monotonic):
+                 reserve_output: str = "max_tokens", queue_timeout_s: float | None = None,
+                 clock: Callable[[], float] = time.monotonic):
         self.policy = policy
         self.routing = routing
         self.max_queued_requests = max_queued_requests
@@ -102,14 +104,15 @@ class Dispatcher:
         self.worker_timeout_s = worker_timeout_s
         self.lease_grace_s = lease_grace_s
         self.min_retry_after_s = min_retry_after_s
+        self.queue_timeout_s = queue_timeout_s
         self.clock = clock
         self.waiting: list[QueuedRequest] = []
         self.workers: dict[str, WorkerState] = {}
         self.routable: set[str] | None = None  # Serve's own replica set, once known: only these get new requests
         self.assigned: dict[str, str] = {}  # request id -> worker id
         self._releases: deque[float] = deque(maxlen=4096)  # when requests finished, for Retry-After
-        self.counters = {"admitted": 0, "rejected_queue_full": 0, "rejected_too_large": 0, "cancelled_waiting": 0,
-                         "workers_lost": 0, "leases_expired": 0}
+        self.counters = {"admitted": 0, "rejected_queue_full": 0, "rejected_too_large": 0, "rejected_queue_timeout": 0,
+                         "cancelled_waiting": 0, "workers_lost": 0, "leases_expired": 0}
 
     # ------------------------------------------------------------------ requests
     def submit(self, req: QueuedRequest) -> list[Placement]:
@@ -121,6 +124,7 @@ class Dispatcher:
                 "tokens, more than any worker can hold at once; lower max_tokens or n")
         if self.output_lengths is not None:
             req.reserve_new_tokens = self.output_lengths.reserve_for(req.max_new_tokens)
+        req.queued_at = self.clock()
         self.waiting.append(req)
         placed = self.dispatch()
         if req.request_id not in self.assigned and len(self.waiting) > self.max_queued_requests:
@@ -158,6 +162,18 @@ class Dispatcher:
             self.waiting = [r for r in self.waiting if r.request_id not in done]
             self.counters["admitted"] += len(placed)
         return placed
+
+    def expire_waiting(self) -> list[QueuedRequest]:
+        """Take the requests that waited longer than ``queue_timeout_s`` out of the queue; the caller refuses them
+        (HTTP 503 + Retry-After): a request starved that long is better retried later, or elsewhere."""
+        if self.queue_timeout_s is None or not self.waiting:
+            return []
+        now = self.clock()
+        expired = [r for r in self.waiting if now - r.queued_at > self.queue_timeout_s]
+        if expired:
+            self.waiting = [r for r in self.waiting if now - r.queued_at <= self.queue_timeout_s]
+            self.counters["rejected_queue_timeout"] += len(expired)
+        return expired
 
     def cancel(self, request_id: str) -> list[Placement]:
         """The client went away: forget the request wherever it is."""

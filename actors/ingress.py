@@ -5,6 +5,11 @@ Per request: the gate (``actors/gate.py``: API key, CORS), then one validation p
 event loop when long), all before anything is queued; then ``Streams`` (actors/streams.py) gets a worker from
 the scheduler and the tokens from that worker's channel; this module turns them into OpenAI responses.
 
+Deadlines (``_deadline``): every request has one, from its ``timeout`` field, else the service's
+``request_timeout_s`` (shortened, for a non-streaming request, to the OpenAI client's own read timeout, which it
+sends as ``X-Stainless-Read-Timeout``: past it nobody reads the answer). ``Streams`` enforces it; past it the
+request is aborted and answered 408, or ends with an SSE error event once streaming.
+
 Response headers are sent only once the worker's first item is here, so that everything that can go wrong
 before the first token (queue full, request too big for the pool, worker gone) still gets its own HTTP status,
 streaming or not. After that, a failure becomes an SSE error event followed by ``data: [DONE]``.
@@ -42,7 +47,7 @@ from gpt2serve.actors.metrics import SnapshotCollector
 from gpt2serve.actors.protocol import LoRARef
 from gpt2serve.actors.routing import ROUTING_POLICIES
 from gpt2serve.actors.settings import ServiceConfig
-from gpt2serve.actors.streams import Job, Streams, detached
+from gpt2serve.actors.streams import Deadline, Job, Streams, detached
 from gpt2serve.engine.errors import InvalidRequestError
 from gpt2serve.engine.lora import LoRAError
 from gpt2serve.engine.loader import load_hf_config
@@ -58,6 +63,7 @@ T = TypeVar("T")
 # tokens on this event loop; shorter text costs less than the hop to a thread.
 INLINE_TOKENIZE_CHARS = 2048
 JSON_TYPES = ("application/json",)
+CLIENT_TIMEOUT_HEADER = "x-stainless-read-timeout"  # the OpenAI client's read timeout, sent with every request
 
 
 def error_response(exc: oa.APIError) -> JSONResponse:
@@ -376,12 +382,13 @@ class Ingress:
         arrival = time.monotonic()
         try:
             body = await self._parse(request, oa.CompletionRequest)
+            deadline = self._deadline(request, body, arrival)
             rid = self._request_id(request)
             lora = await self._resolve_model(body.model)
             prompts = await self._tokenize_all(body.prompts())
             params = self._params(body, prompts, body.max_tokens, body.logprobs)
             jobs = await until_disconnect(request, self._start_all(rid, prompts, params, body.priority, arrival,
-                                                                   lora))
+                                                                   lora, deadline))
         except oa.APIError as e:
             return self._fail(e)
         except ClientGone:
@@ -401,6 +408,7 @@ class Ingress:
         arrival = time.monotonic()
         try:
             body = await self._parse(request, oa.ChatCompletionRequest)
+            deadline = self._deadline(request, body, arrival)
             rid = self._request_id(request)
             lora = await self._resolve_model(body.model)
             prompts = await self._tokenize_all([body.messages], param="messages")
@@ -408,7 +416,7 @@ class Ingress:
             top_n = (body.top_logprobs or 0) if body.logprobs else None
             params = self._params(body, prompts, max_tokens, top_n, param="messages")
             jobs = await until_disconnect(request, self._start_all(rid, prompts, params, body.priority, arrival,
-                                                                   lora))
+                                                                   lora, deadline))
         except oa.APIError as e:
             return self._fail(e)
         except ClientGone:
@@ -524,6 +532,26 @@ class Ingress:
                                   "max_tokens")
         return params
 
+    def _deadline(self, request: Request, body: oa._SamplingFields, arrival: float) -> Deadline:
+        """The request's own ``timeout`` (at most ``max_request_timeout_s``), else ``request_timeout_s``, which the
+        OpenAI client's read timeout can only shorten, and only without streaming: that header bounds the wait
+        for each read, so for a stream it says nothing about the whole."""
+        limit = self.cfg.max_request_timeout_s
+        if body.timeout is not None:
+            if body.timeout > limit:
+                raise oa.APIError(400, f"timeout must be at most {limit:g} s (max_request_timeout_s), got "
+                                       f"{body.timeout:g}", "timeout")
+            return Deadline.after(body.timeout, arrival)
+        timeout = self.cfg.request_timeout_s
+        if not body.stream:
+            try:
+                client = float(request.headers.get(CLIENT_TIMEOUT_HEADER, "inf"))
+            except ValueError:  # a hint, never a reason to refuse the request
+                client = math.inf
+            if 0 < client < timeout:
+                timeout = client
+        return Deadline.after(timeout, arrival)
+
     def _request_id(self, request: Request) -> str:
         # Serve's proxy passes the client's X-Request-Id through (or makes one up) and echoes it in the response.
         # It names the request in the engine, in logs and in response ids: bounded, printable.
@@ -542,9 +570,9 @@ class Ingress:
         return Response(status_code=499)
 
     async def _start_all(self, rid: str, prompts: list[list[int]], params: SamplingParams, priority: int,
-                         arrival: float, lora: LoRARef | None = None) -> list[Job]:
+                         arrival: float, lora: LoRARef | None = None, deadline: Deadline | None = None) -> list[Job]:
         try:
-            jobs = await self.streams.start_all(rid, prompts, params, priority, lora)
+            jobs = await self.streams.start_all(rid, prompts, params, priority, lora, deadline)
         except oa.APIError as e:
             if lora is not None and e.status == 404:  # unloaded since this ingress last looked
                 self.loras.pop(lora.name, None)

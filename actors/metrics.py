@@ -25,7 +25,8 @@ ENGINE_GAUGES = {
 SKIP = {"worker_id", "actor_name", "block_size", "max_num_seqs", "max_model_len", "active_request_ids",
         "num_running", "num_waiting", "num_swapped", "kv_usage",  # these four and the prefix-cache counters:
         *PREFIX_CACHE_COUNTERS}  # the workers export them
-REJECTIONS = {"rejected_queue_full": "queue_full", "rejected_too_large": "too_large"}
+REJECTIONS = {"rejected_queue_full": "queue_full", "rejected_too_large": "too_large",
+              "rejected_queue_timeout": "queue_timeout"}
 SCHEDULER_REPLICA = "scheduler"
 
 

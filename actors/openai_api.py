@@ -6,7 +6,9 @@ instead of silently dropped, unless they carry the value that changes nothing. N
 time (finite floats, 32- or 64-bit integers); the engine's ``SamplingParams`` checks what they mean.
 ``check(limits)`` applies the service's per-request limits (``settings.RequestLimits``).
 Extensions, named as in vLLM: ``top_k``, ``min_p``, ``repetition_penalty``, ``ignore_eos``, ``stop_token_ids``,
-``priority`` (lower is served first).
+``priority`` (lower is served first); ``timeout``: seconds the whole request may take (the service's
+``request_timeout_s`` by default, at most ``max_request_timeout_s``), named after the OpenAI client's own
+``timeout`` argument, which does not reach the server: send it with ``extra_body={"timeout": 30}``.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ if TYPE_CHECKING:
     from gpt2serve.actors.settings import RequestLimits
 
 ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 403: "PermissionDeniedError",
-               404: "NotFoundError", 413: "RequestTooLargeError", 415: "UnsupportedMediaTypeError",
+               404: "NotFoundError", 408: "RequestTimeoutError", 413: "RequestTooLargeError", 415: "UnsupportedMediaTypeError",
                429: "RateLimitError", 500: "InternalServerError", 503: "ServiceUnavailableError"}
 
 
@@ -49,6 +51,7 @@ Int32 = Annotated[int, Field(ge=-(2**31), le=2**31 - 1)]
 Count = Annotated[int, Field(ge=0, le=2**31 - 1)]
 TokenId = Annotated[StrictInt, Field(ge=0, le=2**31 - 1)]  # the vocabulary check comes after tokenizing
 Seed = Annotated[int, Field(ge=-(2**63), le=2**64 - 1)]  # what torch.Generator.manual_seed takes
+Seconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 
 
 class _Request(BaseModel):
@@ -97,6 +100,7 @@ class _SamplingFields(_Request):
     ignore_eos: bool = False
     stop_token_ids: list[TokenId] | None = None
     priority: Int32 = 0
+    timeout: Seconds | None = None
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         """Raises engine.errors.InvalidRequestError naming the bad field."""

@@ -66,6 +66,7 @@ class QueuedRequest:
     # Output tokens per sequence that admission reserves KV for (``admission.OutputLengths``): max_new_tokens,
     # or less when the service's recent requests stopped well before their max_tokens. Set by the dispatcher.
     reserve_new_tokens: int | None = None
+    queued_at: float = 0.0  # when it joined the global queue, on the dispatcher's clock (for queue_timeout_s)
 
     @property
     def num_tokens(self) -> int:

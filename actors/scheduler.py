@@ -43,15 +43,15 @@ log = logging.getLogger("ray.serve")
 class Scheduler:
     def __init__(self, config: dict[str, Any], worker_deployment: str = "ModelWorker"):
         cfg = ServiceConfig(**config)
-        self.queue_timeout_s = cfg.queue_timeout_s
         self.core = Dispatcher(
             SCHEDULING_POLICIES.build(cfg.engine.scheduling_policy, **cfg.engine.scheduling_policy_args),
             ROUTING_POLICIES.build(cfg.routing_policy, **cfg.routing_policy_args),
             max_queued_requests=cfg.max_queued_requests, max_inflight_per_worker=cfg.max_inflight_per_worker,
             kv_overcommit=cfg.kv_overcommit, worker_timeout_s=cfg.worker_timeout_s, lease_grace_s=cfg.lease_grace_s,
             min_retry_after_s=cfg.min_retry_after_s, reserve_output=cfg.kv_reserve_output,
+            queue_timeout_s=cfg.queue_timeout_s,
         )
-        self.waiters: dict[str, asyncio.Future] = {}
+        self.waiters: dict[str, asyncio.Future] = {}  # request id -> its worker id, or the Admission refusing it
         self.enable_lora = cfg.engine.enable_lora
         self.loras = LoRARegistry(cfg.engine.lora_modules, {cfg.model_name, cfg.engine.model})
         self._lora_lock = asyncio.Lock()
@@ -88,13 +88,8 @@ class Scheduler:
             except RequestTooLargeError as e:
                 self._rejected.record(1, self._labels + (REJECTIONS["rejected_too_large"],))
                 return Admission(None, 400, str(e))
-            try:
-                worker_id = await asyncio.wait_for(asyncio.shield(waiter), self.queue_timeout_s)
-            except asyncio.TimeoutError:
-                self._wake(self.core.cancel(req.request_id))
-                return Admission(None, 503, f"no worker could take the request within {self.queue_timeout_s:.0f} s",
-                                 self.core.retry_after_s())
-            return Admission(worker_id, lora=lora)
+            verdict = await waiter  # a worker id, or the refusal of a request that waited too long
+            return verdict if isinstance(verdict, Admission) else Admission(verdict, lora=lora)
         except asyncio.CancelledError:
             # Routed or not, the request is over: cancel() drops it from the queue or releases its reservation.
             self._wake(self.core.cancel(req.request_id))
@@ -192,9 +187,12 @@ class Scheduler:
 
     def _wake(self, placed: list[Placement]) -> None:
         for req, worker_id in placed:
-            waiter = self.waiters.get(req.request_id)
-            if waiter is not None and not waiter.done():
-                waiter.set_result(worker_id)
+            self._answer(req.request_id, worker_id)
+
+    def _answer(self, request_id: str, verdict: str | Admission) -> None:
+        waiter = self.waiters.get(request_id)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(verdict)
 
     async def _expire_loop(self, period_s: float) -> None:
         while True:
@@ -203,3 +201,11 @@ class Scheduler:
             self._flush_decisions()
             for worker_id in self.core.expire():
                 log.warning("worker %s missed its heartbeats: no longer routing to it", worker_id)
+            expired = self.core.expire_waiting()
+            for req in expired:
+                self._rejected.record(1, self._labels + (REJECTIONS["rejected_queue_timeout"],))
+                self._answer(req.request_id, Admission(
+                    None, 503, f"no worker could take the request within queue_timeout_s "
+                    f"({self.core.queue_timeout_s:g} s); retry later", self.core.retry_after_s()))
+            if expired:  # the queue's head may have been what held the rest back
+                self._wake(self.core.dispatch())

@@ -96,7 +96,8 @@ class ServiceConfig(BaseModel):
 
     # --- admission and routing (the scheduler deployment) ---
     max_queued_requests: int = Field(1024, ge=0, description="Past this many waiting requests: HTTP 429.")
-    queue_timeout_s: float = Field(600.0, gt=0, description="A request waiting longer than this gets HTTP 503.")
+    queue_timeout_s: float = Field(
+        600.0, gt=0, description="A request waiting longer than this in the global queue gets HTTP 503 + Retry-After.")
     min_retry_after_s: float = Field(1.0, gt=0)
     routing_policy: str = Field(
         "prefix_aware", description="How a worker is picked: prefix_aware (the replica whose prefix cache holds the "
@@ -122,6 +123,15 @@ class ServiceConfig(BaseModel):
         "may wait for the GIL held by the replica's event loops (None: Python's default, 5 ms).")
     channel_idle_s: float = Field(
         10.0, gt=0, description="A worker closes an ingress's token channel after this long without requests.")
+
+    # --- deadlines (docs/serving.md#deadlines-and-faults) ---
+    request_timeout_s: float = Field(
+        600.0, gt=0, description="A request's deadline when it names none, from its arrival at the ingress to its "
+        "last token: past it the request is aborted on its worker and answered 408 (an SSE error event once "
+        "streaming). 600 s is the OpenAI client's own default timeout.")
+    max_request_timeout_s: float = Field(
+        1800.0, gt=0, description="The largest `timeout` a request may ask for (400 above it). Keep Serve's "
+        "http_options.request_timeout_s above it, so that this service's own 408 answers first.")
 
     # --- telemetry (engine/metrics.py, docs/telemetry.md) ---
     cost: CostConfig = Field(default_factory=CostConfig, description="Price per GPU-hour by node type, and how "
@@ -164,6 +174,13 @@ class ServiceConfig(BaseModel):
         # The global queue lives in one process; two schedulers would each admit against stale reservations.
         if self.scheduler.autoscaling_config is not None or (self.scheduler.num_replicas or 1) != 1:
             raise ValueError("the scheduler deployment holds the global queue: it must have exactly one replica")
+        return self
+
+    @model_validator(mode="after")
+    def _default_timeout_within_max(self) -> "ServiceConfig":
+        if self.request_timeout_s > self.max_request_timeout_s:
+            raise ValueError(f"request_timeout_s ({self.request_timeout_s}) must not exceed max_request_timeout_s "
+                             f"({self.max_request_timeout_s})")
         return self
 
     @model_validator(mode="after")

@@ -9,6 +9,10 @@ the reservation back and asks again (``max_attempts``), so a client sees an erro
 One ``Channel`` per worker replica reads that worker's batches and hands each item to its request's queue.
 If the channel fails (the worker died), every request on it gets the error at once: nothing hangs.
 
+A request's ``Deadline`` bounds all of it: admission and the first item (``start_all`` waits no longer), then
+every later item (a timer per prompt puts the deadline in its queue, so the stream's hot path pays nothing per
+item). Past it the request fails with a 408 and is closed, which aborts it on its worker.
+
 ``close`` ends a request, finished or not: an unfinished one is aborted on its worker, and the scheduler's
 reservation is released. It is synchronous on purpose: it runs when a client disconnects, inside a cancelled
 anyio scope where every ``await`` raises again, so it only starts background tasks. A batch of prompts is one
@@ -24,6 +28,7 @@ prompts) can swap replicas. A channel belongs to no request, and submit / abort 
 import asyncio
 import contextvars
 import logging
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import AsyncIterator
@@ -43,6 +48,26 @@ WORKER_LOST = (RayActorError, ActorUnavailableError, ReplicaUnavailableError)
 def detached(call):
     """Make a handle call outside the current Serve request's context (see the module docstring)."""
     return contextvars.Context().run(call)
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """When a request must be over (``time.monotonic()``), and the timeout it came from (for the message)."""
+
+    at: float
+    timeout_s: float
+
+    @classmethod
+    def after(cls, timeout_s: float, start: float | None = None) -> "Deadline":
+        return cls((time.monotonic() if start is None else start) + timeout_s, timeout_s)
+
+    def remaining(self) -> float:
+        return max(self.at - time.monotonic(), 0.0)
+
+    def error(self) -> APIError:
+        # 408, as Serve's own request_timeout_s answers; OpenAI's client retries it.
+        return APIError(408, f"the request did not finish within its timeout of {self.timeout_s:g} s and was "
+                             "stopped (set a longer `timeout`, or ask for fewer tokens)", "timeout")
 
 
 class ChannelClosed(Exception):
@@ -109,6 +134,7 @@ class Job:
     output_tokens: int = 0  # received from the worker, all sequences together
     n: int = 1
     attempts: list[str] = field(default_factory=list)
+    timer: asyncio.TimerHandle | None = None  # puts the request's Deadline in its queue when it is due
 
 
 class Streams:
@@ -124,16 +150,18 @@ class Streams:
         self._background: set[asyncio.Task] = set()
 
     async def start_all(self, rid: str, prompts: list[list[int]], params: SamplingParams,
-                        priority: int, lora: LoRARef | None = None) -> list[Job]:
+                        priority: int, lora: LoRARef | None = None, deadline: Deadline | None = None) -> list[Job]:
         """``lora``: the adapter the request names, as this ingress last knew it (its uid keys the prefix hashes;
-        the scheduler's admission says which load the request really gets)."""
+        the scheduler's admission says which load the request really gets). ``deadline``: past it, the request
+        fails with a 408 (APIError) wherever it is, and is cancelled or aborted."""
         # Engine ids must be unique even when two clients send the same X-Request-Id.
         base = f"{rid}-{uuid.uuid4().hex[:8]}"
         jobs = [Job(f"{base}-{i}", ids, n=params.n) for i, ids in enumerate(prompts)]
         starts = [asyncio.ensure_future(self.start(job, params, priority, lora)) for job in jobs]
         try:
-            await asyncio.gather(*starts)
-        except BaseException:
+            started = asyncio.gather(*starts)
+            await (started if deadline is None else asyncio.wait_for(started, deadline.remaining()))
+        except BaseException as e:
             # One prompt failed (or the client left): the whole request has failed, so its siblings must not
             # run for nobody. gather leaves them running; cancelled, a queued one leaves the global queue
             # (``_admit``), and once they have stopped, ``close`` aborts and releases whatever they reached.
@@ -144,7 +172,14 @@ class Streams:
                 if not start.cancelled():
                     start.exception()
             self.close(jobs)
+            if isinstance(e, asyncio.TimeoutError) and deadline is not None:
+                raise deadline.error() from None
             raise
+        if deadline is not None:  # the rest of the way: each prompt's queue gets the deadline when it is due
+            loop = asyncio.get_running_loop()
+            for job in jobs:
+                if not job.done:
+                    job.timer = loop.call_later(deadline.remaining(), job.queue.put_nowait, deadline)
         return jobs
 
     async def start(self, job: Job, params: SamplingParams, priority: int, lora: LoRARef | None = None) -> None:
@@ -226,6 +261,8 @@ class Streams:
         if isinstance(item, ChannelClosed):
             job.worker_failed = item.worker_gone
             raise APIError(503, f"{item}; retry the request", retry_after_s=1)
+        if isinstance(item, Deadline):
+            raise item.error()
         if not isinstance(item, WorkerError):
             job.output_tokens += sum(len(d.token_ids) for d in item.seqs)
         return item
@@ -276,6 +313,8 @@ class Streams:
             if job.closed:
                 continue
             job.closed = True
+            if job.timer is not None:
+                job.timer.cancel()
             if job.channel is not None:
                 job.channel.queues.pop(job.request_id, None)
             if job.submitted and not job.done and not job.worker_failed:

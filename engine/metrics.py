@@ -112,8 +112,8 @@ _SPECS = [
 ]
 # The scheduler's: on /metrics from its snapshot (actors/metrics.py), on Ray with replica="scheduler".
 _SCHEDULER_SPECS = [
-    MetricSpec("request_rejected", "counter", "Requests refused by admission: reason=queue_full (HTTP 429) or "
-               "too_large (HTTP 400).", ("reason",)),
+    MetricSpec("request_rejected", "counter", "Requests refused by admission: reason=queue_full (HTTP 429), "
+               "too_large (HTTP 400) or queue_timeout (HTTP 503, waited queue_timeout_s).", ("reason",)),
     MetricSpec("scheduler_queue_length", "gauge", "Requests waiting in the global queue for a worker (on /metrics "
                "without labels)."),
     MetricSpec("router_decisions", "counter", "Requests routed, by reason: prefix_match (to the worker caching the "

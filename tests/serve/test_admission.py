@@ -213,6 +213,22 @@ def test_heartbeats_keep_workers_alive_and_expire_lost_leases():
     assert d.counters["leases_expired"] == 1
 
 
+def test_requests_waiting_past_the_queue_timeout_leave_the_queue():
+    clock = Clock()
+    d = make(clock=clock, queue_timeout_s=10)
+    d.heartbeat("w1", info(seqs=1))
+    d.submit(req("running"))
+    d.submit(req("old"))
+    clock.t += 6
+    d.submit(req("young"))
+    assert d.expire_waiting() == []
+    clock.t += 5  # "old" has waited 11 s, "young" 5 s
+    assert [r.request_id for r in d.expire_waiting()] == ["old"]
+    assert [r.request_id for r in d.waiting] == ["young"] and d.counters["rejected_queue_timeout"] == 1
+    assert ids(d.release("running")) == [("young", "w1")]
+    assert make(clock=clock).expire_waiting() == []  # no timeout configured: nothing expires
+
+
 def test_affinity_hook_outranks_load_within_the_imbalance_limit():
     class PrefixAffinity(LeastLoadedPolicy):
         def affinity(self, req, worker, now):

@@ -223,7 +223,7 @@ def test_a_batch_refused_with_429_leaves_no_orphan(service, client):
     service.wait_idle()
 
 
-def test_a_client_that_hangs_up_while_queued_leaves_the_queue(service):
+def test_a_request_leaves_the_queue_when_its_client_hangs_up_or_its_deadline_passes(service):
     service.wait_idle()
     cancelled_before = service.scheduler_snapshot()["counters"]["cancelled_waiting"]
     long = {"model": MODEL_NAME, "prompt": "def main(", "max_tokens": 450, "ignore_eos": True, "stream": True}
@@ -246,12 +246,62 @@ def test_a_client_that_hangs_up_while_queued_leaves_the_queue(service):
             await wait_until(lambda: service.scheduler_snapshot()["num_waiting"] == 0, "the request left the queue")
             snap = await asyncio.to_thread(service.scheduler_snapshot)  # a Serve handle: not on this loop
             assert snap["counters"]["cancelled_waiting"] == cancelled_before + 1
+            # A request whose deadline passes while it waits: a 408, and it leaves the queue too.
+            t0 = time.monotonic()
+            r = await c.post("/v1/completions", json={**long, "stream": True, "timeout": 1})
+            assert r.status_code == 408 and 1 <= time.monotonic() - t0 < 4, r.text
+            assert r.json()["error"] == {"message": r.json()["error"]["message"], "type": "RequestTimeoutError",
+                                         "param": "timeout", "code": 408}
+            snap = await asyncio.to_thread(service.scheduler_snapshot)
+            assert snap["num_waiting"] == 0 and snap["counters"]["cancelled_waiting"] == cancelled_before + 2
             for t in holders:
                 t.cancel()
             await asyncio.gather(*holders, queued, return_exceptions=True)
 
     run(go())
     service.wait_idle()
+
+
+# ---------------------------------------------------------------------- deadlines
+def cancelled(service) -> int:
+    return sum(s["requests_cancelled"] for s in service.worker_stats().values())
+
+
+def test_a_request_past_its_deadline_is_aborted_and_its_blocks_freed(service, client):
+    """Non-streaming: a 408 with an OpenAI body when the deadline passes; streaming: tokens, then an error event
+    and [DONE]. Either way the request is aborted on its worker and its blocks are free a step later (well within
+    the 2 s given here). A timeout above the maximum is a 400; the OpenAI client's read timeout (a header) shortens
+    the deadline of a non-streaming request only."""
+    service.wait_idle()
+    long = {"model": MODEL_NAME, "prompt": "def main(", "max_tokens": 480, "ignore_eos": True, "temperature": 0}
+    aborted = cancelled(service)
+
+    t0 = time.monotonic()
+    r = client.post("/v1/completions", json={**long, "timeout": 0.5})
+    assert r.status_code == 408 and 0.5 <= time.monotonic() - t0 < 3, r.text
+    assert r.json()["error"]["type"] == "RequestTimeoutError" and "0.5 s" in r.json()["error"]["message"]
+    service.wait_idle(timeout_s=2)
+    assert cancelled(service) == aborted + 1
+
+    chat = {"model": MODEL_NAME, "messages": CHAT, "max_tokens": 480, "ignore_eos": True, "stream": True}
+    with client.stream("POST", "/v1/chat/completions", json={**chat, "timeout": 0.5}) as r:
+        assert r.status_code == 200
+        events = parse_sse(list(r.iter_lines()))
+    assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == 408, events[-3:]
+    tokens = sum(bool(e["choices"][0]["delta"].get("content")) for e in events[:-2])
+    assert 0 < tokens < 480
+    service.wait_idle(timeout_s=2)
+    assert cancelled(service) == aborted + 2
+
+    r = client.post("/v1/completions", json=long, headers={"X-Stainless-Read-Timeout": "0.5"})
+    assert r.status_code == 408 and "0.5 s" in r.json()["error"]["message"]
+    with client.stream("POST", "/v1/completions", json={**long, "max_tokens": 8, "stream": True},
+                       headers={"X-Stainless-Read-Timeout": "0.001"}) as r:  # a read timeout says nothing of a stream
+        assert r.status_code == 200 and parse_sse(list(r.iter_lines()))[-1] == "[DONE]"
+    r = client.post("/v1/completions", json={**long, "timeout": 1e6})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "timeout", r.text
+    service.wait_idle(timeout_s=2)
+    assert cancelled(service) == aborted + 3
 
 
 async def wait_until(condition, what: str, timeout_s: float = 10.0) -> None:

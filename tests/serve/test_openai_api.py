@@ -86,7 +86,9 @@ def test_limits_name_their_field():
     b'{"prompt": "x", "max_tokens": ' + b"9" * 5000 + b"}", b'{"prompt": "x", "temperature": Infinity}',
     b'{"prompt": "x", "top_p": NaN}', b'{"prompt": "\\ud800"}', b'{"prompt": "x", "seed": 18446744073709551616}',
     b'{"prompt": "x", "priority": 2147483648}', b'{"prompt": [1, 2147483648]}', b'{"prompt": "x", "stop": ' +
-    b"[" * 300 + b"]" * 300 + b"}", b'{"prompt": "x", "temperature": 1e400}', b'{"prompt": "\xed\xa0\x80"}'])
+    b"[" * 300 + b"]" * 300 + b"}", b'{"prompt": "x", "temperature": 1e400}', b'{"prompt": "\xed\xa0\x80"}',
+    b'{"prompt": "x", "timeout": 0}', b'{"prompt": "x", "timeout": -5}', b'{"prompt": "x", "timeout": Infinity}',
+    b'{"prompt": "x", "timeout": ' + b"9" * 5000 + b"}", b'{"prompt": "x", "timeout": "soon"}'])
 def test_hostile_numbers_and_strings_fail_at_parse_time(body):
     with pytest.raises(ValidationError):
         oa.CompletionRequest.model_validate_json(body)

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 from pydantic import ValidationError
 
 from gpt2serve import serve_app
@@ -36,6 +37,17 @@ def test_serve_configs_validate_and_keep_serve_knobs_on_purpose(path):
         assert auto["target_ongoing_requests"] < cfg.engine.max_num_seqs
     opts = serve_app.worker_options(cfg)
     assert ("num_replicas" in opts) == (auto is None)
+
+
+@pytest.mark.parametrize("path", SERVE_CONFIGS, ids=lambda p: p.name)
+def test_serves_request_timeout_comes_after_the_services_own_deadlines(path):
+    """Serve cuts a request at http_options.request_timeout_s with a plain-text 408 and leaves the request running
+    on its worker; the service's own deadline (any request's, up to max_request_timeout_s) must come first."""
+    from ray.serve.schema import ServeDeploySchema
+
+    serve_config = ServeDeploySchema(**yaml.safe_load(path.read_text()))
+    cfg = ServiceConfig.from_args({"config": str(path)}, env={})
+    assert cfg.request_timeout_s <= cfg.max_request_timeout_s < serve_config.http_options.request_timeout_s
 
 
 def test_gpt2xl_config_is_the_w4_setup():
@@ -72,6 +84,8 @@ def test_bad_settings_are_refused():
         ServiceConfig(worker={"autoscaling_config": {"target_ongoing_requests": 10}, "max_ongoing_requests": 10})
     with pytest.raises(ValidationError, match="exactly one replica"):
         ServiceConfig(scheduler={"num_replicas": 2})
+    with pytest.raises(ValidationError, match="must not exceed max_request_timeout_s"):
+        ServiceConfig(request_timeout_s=100, max_request_timeout_s=60)
 
 
 def test_defaults_never_cap_the_batch_at_serves_default():

@@ -11,7 +11,7 @@ import pytest
 
 from gpt2serve.actors.openai_api import APIError
 from gpt2serve.actors.protocol import Admission, Refusal, SeqDelta, StepItem, WorkerError
-from gpt2serve.actors.streams import Streams
+from gpt2serve.actors.streams import Deadline, Streams
 from gpt2serve.engine.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.timeout(30)
@@ -340,3 +340,70 @@ def test_a_prompt_refused_in_a_batch_cancels_its_siblings():
         assert [rid for rid, _ in worker.submitted] == [first]
 
     asyncio.run(go())
+
+
+# ---------------------------------------------------------------------- deadlines
+def test_a_deadline_reached_in_the_queue_is_a_408_and_leaves_the_queue():
+    async def go():
+        scheduler, worker = FakeScheduler([]), FakeWorker()
+        calls = []
+
+        def admit(req):
+            calls.append(Call(asyncio.Event().wait()))  # waits in the global queue for good
+            return calls[-1]
+
+        scheduler.admit = Method(admit)
+        streams = Streams(scheduler, worker, max_model_len=64)
+        t0 = asyncio.get_running_loop().time()
+        with pytest.raises(APIError) as e:
+            await streams.start_all("r", [[1]], params(), 0, deadline=Deadline.after(0.2))
+        assert 0.2 <= asyncio.get_running_loop().time() - t0 < 1.0
+        assert (e.value.status, e.value.param, e.value.type) == (408, "timeout", "RequestTimeoutError")
+        assert "within its timeout of 0.2 s" in e.value.message
+        assert calls[0].cancelled and worker.submitted == []  # out of the queue, never started
+
+    asyncio.run(go())
+
+
+def test_a_deadline_reached_mid_stream_is_a_408_and_aborts_the_request():
+    async def go():
+        scheduler, worker = FakeScheduler(["w1", "w1"]), FakeWorker()
+        streams = Streams(scheduler, worker, max_model_len=64)
+        start = asyncio.create_task(streams.start_all("r", [[1], [2]], params(), 0, deadline=Deadline.after(0.3)))
+        await settle()
+        for rid, _ in worker.submitted:
+            worker.emit(rid, "x")
+        jobs = await start
+        seen = []
+        with pytest.raises(APIError) as e:
+            async for i, item in streams.merged(jobs):
+                seen.append(i)
+                if len(seen) <= 3:  # three more tokens, then the worker goes quiet (a slow or hung step)
+                    worker.emit(jobs[i].request_id, "y")
+        assert e.value.status == 408 and len(seen) == 2 + 3
+        streams.close(jobs)
+        await settle()
+        assert sorted(worker.aborted) == sorted(j.request_id for j in jobs)
+        assert sorted(failed for _, failed in scheduler.released) == [False, False]
+
+    asyncio.run(go())
+
+
+def test_a_request_that_ends_in_time_leaves_no_timer_behind():
+    async def go():
+        scheduler, worker = FakeScheduler(["w1"]), FakeWorker()
+        streams = Streams(scheduler, worker, max_model_len=64)
+        start = asyncio.create_task(streams.start_all("r", [[1]], params(), 0, deadline=Deadline.after(0.2)))
+        await settle()
+        ((rid, _),) = worker.submitted
+        worker.emit(rid, "a")
+        (job,) = await start
+        worker.emit(rid, "b", finished=True)
+        assert [item.seqs[0].text async for _, item in streams.merged([job])] == ["a", "b"]
+        streams.close([job])
+        assert job.timer.cancelled()
+        await asyncio.sleep(0.3)
+        assert job.queue.empty() and worker.aborted == []
+
+    asyncio.run(go())
+
