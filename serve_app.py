@@ -42,7 +42,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
             request_router_class=PinnedReplicaRouter, request_router_kwargs={"pin_wait_s": cfg.pin_wait_s}),
         **worker_options(cfg),
     ).bind(cfg.engine.model_dump(mode="json"), scheduler, cfg.heartbeat_interval_s, cfg.channel_idle_s,
-           telemetry_args(cfg), cfg.worker_gil_switch_interval_s)
+           telemetry_args(cfg), cfg.worker_gil_switch_interval_s, cfg.worker_health.model_dump(), cfg.fault_injection)
     return serve.deployment(Ingress, name="Ingress").options(**cfg.ingress.serve_options()).bind(
         config, scheduler, worker)
 

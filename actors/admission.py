@@ -16,7 +16,8 @@ back-to-back decisions see each other. Workers' heartbeats add what only they kn
 waiting counts, which requests they really hold, which block hashes their prefix caches gained or lost: each
 worker's ``PrefixIndex``) and prove they are alive; a worker silent for
 ``worker_timeout_s`` is dropped, and a reservation its worker does not report for ``lease_grace_s`` is
-released (its ingress died before saying so). A request that waits longer than ``queue_timeout_s`` leaves
+released (its ingress died before saying so). A worker that reports itself unhealthy (``engine/watchdog.py``)
+keeps its reservations but gets no new request. A request that waits longer than ``queue_timeout_s`` leaves
 the queue (``expire_waiting``), and its caller answers it 503 with Retry-After.
 
 Every method returns the requests it placed, so the caller (the Serve shell) can wake their waiters.
@@ -146,7 +147,8 @@ class Dispatcher:
         now = self.clock()
         order = self.waiting if len(self.waiting) == 1 else self.policy.order(self.waiting, now)
         placed: list[Placement] = []
-        candidates = [w for w in self.workers.values() if self.routable is None or w.worker_id in self.routable]
+        candidates = [w for w in self.workers.values()
+                      if w.unhealthy is None and (self.routable is None or w.worker_id in self.routable)]
         for req in order:
             fits = [w for w in candidates if w.fits(req, self.kv_overcommit)]
             worker = self.routing.choose(req, fits, now) if fits else None
@@ -217,6 +219,7 @@ class Dispatcher:
         worker.last_seen = now
         worker.num_total_blocks = info["num_total_blocks"]
         worker.free_blocks = info.get("num_free_blocks", worker.num_total_blocks)
+        worker.unhealthy = info.get("unhealthy")
         worker.stats = info
         if seq is not None:
             worker.prefix_index.report(seq, events, snapshot)

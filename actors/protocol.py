@@ -113,11 +113,18 @@ class StepItem(NamedTuple):
 
 
 class WorkerError(NamedTuple):
-    """Worker → ingress instead of a ``StepItem``: the engine refused (400) or failed (500) the request."""
+    """Worker → ingress instead of a ``StepItem``: the engine refused (400) or failed (500) the request, or the
+    replica failed it for its own trouble (503 with ``retry_after_s``: the request may succeed when sent again)."""
 
     message: str
     param: str | None
     status: int = 400
+    retry_after_s: float | None = None
+
+
+def retryable(message: str) -> WorkerError:
+    """A request failed by its replica's trouble, not its own: 503 + Retry-After, which clients retry."""
+    return WorkerError(f"{message}; retry the request", None, 503, 1.0)
 
 
 class Refusal(NamedTuple):

@@ -88,6 +88,19 @@ class RequestLimits(BaseModel):
     max_request_id_length: int = Field(128, ge=1, description="Characters in a client's X-Request-Id.")
 
 
+class WorkerHealthSettings(BaseModel):
+    """When a worker fails its Serve health check, so that Serve replaces it (``engine/watchdog.py``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    stall_timeout_s: float | None = Field(
+        120.0, gt=0, description="No engine step completed for this long while the worker holds requests (a hung "
+        "kernel, a dead device): unhealthy. Above the slowest legitimate step (a long prefill, a first-call "
+        "compile). None: never.")
+    max_failed_steps: int | None = Field(
+        3, ge=1, description="This many engine steps in a row raised: unhealthy. None: never.")
+
+
 class ServiceConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
@@ -124,7 +137,7 @@ class ServiceConfig(BaseModel):
     channel_idle_s: float = Field(
         10.0, gt=0, description="A worker closes an ingress's token channel after this long without requests.")
 
-    # --- deadlines (docs/serving.md#deadlines-and-faults) ---
+    # --- deadlines and faults (docs/serving.md#deadlines-and-faults) ---
     request_timeout_s: float = Field(
         600.0, gt=0, description="A request's deadline when it names none, from its arrival at the ingress to its "
         "last token: past it the request is aborted on its worker and answered 408 (an SSE error event once "
@@ -132,6 +145,10 @@ class ServiceConfig(BaseModel):
     max_request_timeout_s: float = Field(
         1800.0, gt=0, description="The largest `timeout` a request may ask for (400 above it). Keep Serve's "
         "http_options.request_timeout_s above it, so that this service's own 408 answers first.")
+    worker_health: WorkerHealthSettings = Field(default_factory=WorkerHealthSettings)
+    fault_injection: bool = Field(
+        False, description="Tests only: wrap each worker's engine so that `inject_fault` calls can make its steps "
+        "raise or hang (actors/faults.py). Off, the engine is not wrapped and `inject_fault` is refused.")
 
     # --- telemetry (engine/metrics.py, docs/telemetry.md) ---
     cost: CostConfig = Field(default_factory=CostConfig, description="Price per GPU-hour by node type, and how "

@@ -137,6 +137,10 @@ class Job:
     timer: asyncio.TimerHandle | None = None  # puts the request's Deadline in its queue when it is due
 
 
+def worker_error(item: WorkerError) -> APIError:
+    return APIError(item.status, item.message, item.param, retry_after_s=item.retry_after_s)
+
+
 class Streams:
     def __init__(self, scheduler, worker, max_model_len: int, max_attempts: int = 3,
                  hash_block_size: int | None = None):
@@ -207,7 +211,7 @@ class Streams:
         first = await self.next(job)
         if isinstance(first, WorkerError):
             job.done = True
-            raise APIError(first.status, first.message, first.param)
+            raise worker_error(first)
         job.first = first
         job.done = first.finished
 
@@ -273,7 +277,7 @@ class Streams:
             item = await self.next(job)
             if isinstance(item, WorkerError):
                 job.done = True
-                raise APIError(item.status, item.message, item.param)
+                raise worker_error(item)
             job.done = item.finished
             yield item
 

@@ -18,6 +18,7 @@ Calls, all pinned to this replica by ``PinnedReplicaRouter``:
   the adapters this replica could not load.
 - ``abort(request_id)``: the client went away. The engine aborts the request and frees its blocks between two
   steps (``AsyncLLM.abort_request``).
+- ``inject_fault(mode)``: tests only, with ``fault_injection: true`` (``actors/faults.py``).
 
 Requests run without a task each: the engine hands every request's delta of a step to ``_deliver`` in one pass
 (``AsyncLLM.add_request``), which packs it into its channel's outbox. Only a request whose LoRA adapter must be
@@ -31,6 +32,12 @@ scheduler's reply asks for it, so that the scheduler can route a prompt to the r
 mirror is this loop's own: the engine's step thread is never read from here. The same loop
 ticks the replica's metrics (``engine.metrics.ServingMetrics``: engine gauges, GPU-seconds and cost), which go
 to Ray's metrics endpoint and, through ``metrics_families()``, to the ingress's ``/metrics``.
+
+Health: the engine's ``StepWatchdog`` (``engine/watchdog.py``) judges whether its steps still make progress
+(settings: ``worker_health``). The heartbeat loop asks it on every tick; once it says no, this replica fails the
+requests it holds with a retryable 503, refuses new ones, reports itself unhealthy (the scheduler routes nothing
+more here) and fails ``check_health``, so that Serve replaces it. A step that raises fails only the requests in
+it, also with a retryable 503.
 """
 
 from __future__ import annotations
@@ -45,16 +52,19 @@ from typing import Any, AsyncIterator
 
 from ray import serve
 
+from gpt2serve.actors.faults import FaultyEngine
 from gpt2serve.actors.lora_registry import LoRASnapshot, WorkerAdapters
 from gpt2serve.actors.prefix_index import CacheReport
-from gpt2serve.actors.protocol import Refusal, StepItem, WorkerError, WorkRequest, pack_output
+from gpt2serve.actors.protocol import Refusal, StepItem, WorkerError, WorkRequest, pack_output, retryable
 from gpt2serve.engine.async_llm import AsyncLLM
 from gpt2serve.engine.config import EngineConfig
 from gpt2serve.engine.errors import InvalidRequestError
+from gpt2serve.engine.llm_engine import LLMEngine
 from gpt2serve.engine.lora import LoRAError
 from gpt2serve.engine.metrics import (CostConfig, FanoutBackend, PrometheusBackend, RayBackend, ServingMetrics,
                                       gpu_memory_used_bytes, observe_steps)
 from gpt2serve.engine.outputs import RequestOutput
+from gpt2serve.engine.watchdog import StepWatchdog
 
 log = logging.getLogger("ray.serve")
 AUTOSCALING_METRIC = "engine_load"
@@ -90,13 +100,16 @@ class Running:
 class ModelWorker:
     def __init__(self, engine_config: dict[str, Any], scheduler, heartbeat_interval_s: float = 0.5,
                  channel_idle_s: float = 10.0, telemetry: dict[str, Any] | None = None,
-                 gil_switch_interval_s: float | None = None):
+                 gil_switch_interval_s: float | None = None, worker_health: dict[str, Any] | None = None,
+                 fault_injection: bool = False):
         started = time.monotonic()  # the replica pays for its GPUs from here, model loading included
         if gil_switch_interval_s is not None:
             # The step thread and this process's event loops share the GIL: a thread that wants it waits up to
             # this long for the holder to give it up (Python's default 5 ms is a whole decode step).
             sys.setswitchinterval(gil_switch_interval_s)
-        self.llm = AsyncLLM(EngineConfig(**engine_config))
+        engine = LLMEngine(EngineConfig(**engine_config))
+        self.llm = AsyncLLM(FaultyEngine(engine) if fault_injection else engine, StepWatchdog(**(worker_health or {})))
+        self.unhealthy: str | None = None  # why this replica stopped serving (it waits to be replaced)
         self.scheduler = scheduler
         self.heartbeat_interval_s = heartbeat_interval_s
         self.channel_idle_s = channel_idle_s
@@ -145,6 +158,8 @@ class ModelWorker:
         if replica is not None and replica != self.replica_id:
             self.counters["misrouted"] += 1
             return Refusal(f"replica {replica} is gone (the call reached {self.replica_id})", worker_gone=True)
+        if self._check_engine() is not None:
+            return Refusal(f"replica {self.replica_id} is unhealthy ({self.unhealthy})", worker_gone=True)
         box = self.outboxes.get(channel_id)
         if box is None:  # it closed for idleness just as this request was sent
             return Refusal(f"no channel {channel_id} on replica {self.replica_id}", worker_gone=False)
@@ -198,7 +213,7 @@ class ModelWorker:
         """One step's delta of ``run`` (or the exception that failed it), on the event loop, after the step."""
         if isinstance(out, BaseException):  # an engine step failed; the engine already dropped the request
             log.error("request %s failed in the engine: %r", run.work.request_id, out)
-            self._end(run, WorkerError(f"the engine failed this request: {out!r}", None, 500))
+            self._end(run, retryable(f"the model worker failed a step ({out})"))
             return
         self.metrics.on_output(out)
         run.box.put(run.work.request_id, pack_output(out))
@@ -287,7 +302,7 @@ class ModelWorker:
             "requests_started": self.counters["started"], "requests_finished": self.counters["finished"],
             "requests_cancelled": self.counters["cancelled"], "requests_invalid": self.counters["invalid"],
             "requests_misrouted": self.counters["misrouted"],
-            "active_request_ids": sorted(self.running),
+            "active_request_ids": sorted(self.running), "unhealthy": self.unhealthy,
             **self.adapters.info(),
         }
 
@@ -308,7 +323,33 @@ class ModelWorker:
         return {AUTOSCALING_METRIC: len(self.running) + self.global_queue_share}
 
     async def check_health(self) -> None:
-        await self.llm.check_health()  # raises if the step loop died: Serve then replaces the replica
+        # Raising makes Serve replace the replica (after a few failed checks in a row).
+        if self._check_engine() is not None:
+            raise RuntimeError(f"replica {self.replica_id} is unhealthy: {self.unhealthy}")
+
+    def _check_engine(self) -> str | None:
+        """Ask the engine's watchdog; the first time it says the engine is unhealthy, fail every request held
+        here with a retryable error (the engine may never give them another token) and stop serving."""
+        if self.unhealthy is None and (reason := self.llm.unhealthy()) is not None:
+            self.unhealthy = reason
+            log.error("worker %s is unhealthy, failing its %d request(s) and waiting to be replaced: %s",
+                      self.replica_id, len(self.running), reason)
+            for request_id in list(self.running):
+                run = self.running[request_id]
+                if run.loading is not None:
+                    run.loading.cancel()
+                if run.in_engine:
+                    self.llm.abort_request(request_id)  # nothing more reaches it, whether or not the step returns
+                self._end(run, retryable(f"the model worker became unhealthy ({reason})"))
+        return self.unhealthy
+
+    async def inject_fault(self, mode: str | None, replica: str | None = None) -> None:
+        """Tests only: make this replica's engine steps raise or hang (``actors/faults.py``)."""
+        self._require_pinned("inject_fault", replica)
+        engine = self.llm.engine
+        if not isinstance(engine, FaultyEngine):  # noqa: TRY004 - a switch that is off, not a bad argument
+            raise RuntimeError("fault injection is off on this service (fault_injection: true turns it on)")
+        engine.inject(mode)
 
     async def _heartbeat_loop(self) -> None:
         while True:
@@ -318,6 +359,7 @@ class ModelWorker:
                 log.warning("metrics tick failed: %r", e)
             try:
                 # Bounded: a call to a deployment with no replica (scheduler restarting) would wait forever.
+                self._check_engine()
                 info = {**self.info(), **self._cache_fields()}
                 reply = await asyncio.wait_for(self.scheduler.heartbeat.remote(self.replica_id, info),
                                                max(5.0, 4 * self.heartbeat_interval_s))

@@ -29,6 +29,7 @@ class WorkerState:
     max_inflight: int
     last_seen: float
     free_blocks: int = 0  # as last reported
+    unhealthy: str | None = None  # why the worker says its engine stopped making progress: route nothing there
     stats: dict[str, Any] = field(default_factory=dict)
     inflight: dict[str, Reservation] = field(default_factory=dict)
     prefix_index: PrefixIndex = field(default_factory=PrefixIndex)  # what its prefix cache holds

@@ -5,6 +5,10 @@ aborts are queued and applied by that thread between steps, so that the engine i
 thread at a time. Cancelling the consumer of ``generate`` (a client that went away) aborts the request: this
 is the one place where cancellation turns into freed KV blocks.
 
+A step that raises fails the requests in flight (each gets an ``EngineStepError``, their blocks are freed) and
+the loop goes on. The loop reports to a ``StepWatchdog`` (``engine/watchdog.py``), so that ``check_health`` also
+fails when steps keep raising or one never returns.
+
 Under ``generate`` is ``add_request``: a request whose deltas go to a plain callback, called on the event loop
 for every request of a step in one pass after the step. A server that forwards deltas (the Ray worker) uses it
 directly and pays one wake-up per step rather than one task switch per request per step.
@@ -19,18 +23,20 @@ from collections import deque
 from typing import Any, AsyncIterator, Callable
 
 from gpt2serve.engine.config import EngineConfig
-from gpt2serve.engine.errors import InvalidRequestError
+from gpt2serve.engine.errors import EngineStepError, EngineUnhealthyError, InvalidRequestError
 from gpt2serve.engine.llm_engine import LLMEngine
 from gpt2serve.engine.outputs import RequestOutput
 from gpt2serve.engine.sampling_params import SamplingParams
+from gpt2serve.engine.watchdog import StepWatchdog
 
 log = logging.getLogger(__name__)
 
 
 class AsyncLLM:
-    def __init__(self, config: EngineConfig | LLMEngine):
+    def __init__(self, config: EngineConfig | LLMEngine, watchdog: StepWatchdog | None = None):
         # An engine given ready-made may be any object with LLMEngine's make_request / submit / abort / step.
         self.engine = LLMEngine(config) if isinstance(config, EngineConfig) else config
+        self.watchdog = watchdog or StepWatchdog()  # by default it judges nothing: no limits set
         self._sinks: dict[str, Callable[[RequestOutput | BaseException], None]] = {}
         self._pending: deque[Callable[[], RequestOutput | None]] = deque()
         self._wakeup: asyncio.Event | None = None
@@ -95,9 +101,16 @@ class AsyncLLM:
         return self.engine.stats()
 
     async def check_health(self) -> None:
+        reason = self.unhealthy()
+        if reason is not None:
+            raise EngineUnhealthyError(reason)
+
+    def unhealthy(self) -> str | None:
+        """Why this engine cannot serve any more (its step loop died, stalled, or keeps failing), or None."""
         task = self._loop_task
         if task is not None and task.done() and not task.cancelled() and task.exception() is not None:
-            raise RuntimeError(f"engine loop died: {task.exception()!r}")
+            return f"engine loop died: {task.exception()!r}"
+        return self.watchdog.unhealthy()
 
     # ------------------------------------------------------------------ the loop
     def _kick(self) -> None:
@@ -140,18 +153,22 @@ class AsyncLLM:
         assert self._wakeup is not None
         while True:
             if not self._pending and not self.engine.has_unfinished():
+                self.watchdog.idle()
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
+            self.watchdog.working()
             try:
                 outputs = await asyncio.to_thread(self._step)
             except Exception as e:  # a bug in a step: fail the requests in flight, free their blocks, go on
                 log.exception("engine step failed")
+                self.watchdog.failed(e)
                 sinks, self._sinks = self._sinks, {}
                 for request_id, sink in sinks.items():
                     self.engine.abort(request_id)
-                    sink(RuntimeError(f"engine step failed: {e!r}"))
+                    sink(EngineStepError(f"engine step failed: {e!r}"))
                 continue
+            self.watchdog.stepped()
             for out in outputs:
                 sink = self._sinks.pop(out.request_id, None) if out.finished else self._sinks.get(out.request_id)
                 if sink is not None:

@@ -217,8 +217,8 @@ def test_requests_waiting_past_the_queue_timeout_leave_the_queue():
     clock = Clock()
     d = make(clock=clock, queue_timeout_s=10)
     d.heartbeat("w1", info(seqs=1))
-    d.submit(req("running"))
-    d.submit(req("old"))
+    for rid in ("running", "old"):  # one slot: "old" waits from now
+        d.submit(req(rid))
     clock.t += 6
     d.submit(req("young"))
     assert d.expire_waiting() == []
@@ -227,6 +227,16 @@ def test_requests_waiting_past_the_queue_timeout_leave_the_queue():
     assert [r.request_id for r in d.waiting] == ["young"] and d.counters["rejected_queue_timeout"] == 1
     assert ids(d.release("running")) == [("young", "w1")]
     assert make(clock=clock).expire_waiting() == []  # no timeout configured: nothing expires
+
+
+def test_a_worker_reporting_itself_unhealthy_gets_no_new_request():
+    d = make()
+    d.heartbeat("sick", info())
+    d.heartbeat("well", info(free=1))  # fewer free blocks: only chosen when "sick" cannot be
+    d.heartbeat("sick", {**info(), "unhealthy": "3 engine steps failed in a row"})
+    assert [w for _, w in ids(d.submit(req("a"))) + ids(d.submit(req("b")))] == ["well", "well"]
+    d.heartbeat("sick", info())  # the dispatcher goes by each heartbeat's word (a worker's verdict latches)
+    assert ids(d.submit(req("c"))) == [("c", "sick")]
 
 
 def test_affinity_hook_outranks_load_within_the_imbalance_limit():

@@ -86,6 +86,8 @@ def test_bad_settings_are_refused():
         ServiceConfig(scheduler={"num_replicas": 2})
     with pytest.raises(ValidationError, match="must not exceed max_request_timeout_s"):
         ServiceConfig(request_timeout_s=100, max_request_timeout_s=60)
+    with pytest.raises(ValidationError, match="max_failed_steps"):
+        ServiceConfig(worker_health={"max_failed_steps": 0})
 
 
 def test_defaults_never_cap_the_batch_at_serves_default():
@@ -104,6 +106,8 @@ def test_build_app_wires_router_autoscaling_policy_and_overrides():
     assert config.request_router_config.request_router_class.endswith("PinnedReplicaRouter")
     assert config.autoscaling_config.policy.policy_function == POLICY_PATH
     assert config.max_ongoing_requests == DEFAULT_MAX_ONGOING
+    # The worker's health limits and the test-only fault switch (off) reach the worker.
+    assert worker.init_args[6:] == ({"stall_timeout_s": 120.0, "max_failed_steps": 3}, False)
 
 
 def test_engine_load_policy():

@@ -10,7 +10,7 @@ import asyncio
 import pytest
 
 from gpt2serve.actors.openai_api import APIError
-from gpt2serve.actors.protocol import Admission, Refusal, SeqDelta, StepItem, WorkerError
+from gpt2serve.actors.protocol import Admission, Refusal, SeqDelta, StepItem, WorkerError, retryable
 from gpt2serve.actors.streams import Deadline, Streams
 from gpt2serve.engine.sampling_params import SamplingParams
 
@@ -342,7 +342,7 @@ def test_a_prompt_refused_in_a_batch_cancels_its_siblings():
     asyncio.run(go())
 
 
-# ---------------------------------------------------------------------- deadlines
+# ---------------------------------------------------------------------- deadlines and retryable failures
 def test_a_deadline_reached_in_the_queue_is_a_408_and_leaves_the_queue():
     async def go():
         scheduler, worker = FakeScheduler([]), FakeWorker()
@@ -404,6 +404,32 @@ def test_a_request_that_ends_in_time_leaves_no_timer_behind():
         assert job.timer.cancelled()
         await asyncio.sleep(0.3)
         assert job.queue.empty() and worker.aborted == []
+
+    asyncio.run(go())
+
+
+def test_a_replica_failing_a_request_for_its_own_trouble_is_a_retryable_503():
+    async def go():
+        scheduler, worker = FakeScheduler(["w1", "w1"]), FakeWorker()
+        streams = Streams(scheduler, worker, max_model_len=64)
+        first = asyncio.create_task(streams.start_all("a", [[1]], params(), 0))
+        await settle()
+        ((rid, _),) = worker.submitted
+        worker.emit(rid, "x")
+        (job,) = await first
+        next(iter(worker.channels.values())).queue.put_nowait([(rid, retryable("the model worker failed a step"))])
+        with pytest.raises(APIError) as e:
+            async for _ in streams.merged([job]):
+                pass
+        assert (e.value.status, e.value.retry_after_s) == (503, 1.0) and e.value.message.endswith("retry the request")
+
+        second = asyncio.create_task(streams.start_all("b", [[1]], params(), 0))  # before its first token
+        await settle()
+        rid = worker.submitted[-1][0]
+        next(iter(worker.channels.values())).queue.put_nowait([(rid, retryable("the model worker became unhealthy"))])
+        with pytest.raises(APIError) as e:
+            await second
+        assert (e.value.status, e.value.type, e.value.retry_after_s) == (503, "ServiceUnavailableError", 1.0)
 
     asyncio.run(go())
 
