@@ -30,12 +30,17 @@ from gpt2serve.actors.worker import ModelWorker
 
 
 WORKER = "ModelWorker"
+# Serve notices a dead replica at its next health check (every 10 s by default). The scheduler is a single replica
+# that every request's admission waits on, so it is checked more often: a killed scheduler is replaced seconds
+# later (docs/serving.md#deadlines-and-faults). A config's own scheduler.health_check_period_s wins.
+SCHEDULER_HEALTH_CHECK_PERIOD_S = 2.0
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:
     cfg = ServiceConfig.from_args(args)
     config = cfg.model_dump(mode="json")
-    scheduler = serve.deployment(Scheduler, name="Scheduler").options(**cfg.scheduler.serve_options()).bind(
+    scheduler = serve.deployment(Scheduler, name="Scheduler").options(
+        **{"health_check_period_s": SCHEDULER_HEALTH_CHECK_PERIOD_S, **cfg.scheduler.serve_options()}).bind(
         config, WORKER)
     worker = serve.deployment(ModelWorker, name=WORKER).options(
         request_router_config=RequestRouterConfig(

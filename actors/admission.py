@@ -20,6 +20,13 @@ released (its ingress died before saying so). A worker that reports itself unhea
 keeps its reservations but gets no new request. A request that waits longer than ``queue_timeout_s`` leaves
 the queue (``expire_waiting``), and its caller answers it 503 with Retry-After.
 
+State after a restart: this object lives in one process, and a new scheduler replica starts with nothing. It
+learns the workers again from their heartbeats, and on a worker's first heartbeat *adopts* the requests that
+worker reports holding (``held_requests``: their sizes), reserving for them as if it had routed them itself, so
+that it does not over-admit while they run. An adopted reservation ends with its ingress's ``release`` (which
+reaches the new replica), or at the first heartbeat that no longer lists it. (Prefix caches resync on their
+own: the new ``PrefixIndex`` sees a numbering gap and asks for a snapshot.)
+
 Every method returns the requests it placed, so the caller (the Serve shell) can wake their waiters.
 """
 
@@ -113,7 +120,7 @@ class Dispatcher:
         self.assigned: dict[str, str] = {}  # request id -> worker id
         self._releases: deque[float] = deque(maxlen=4096)  # when requests finished, for Retry-After
         self.counters = {"admitted": 0, "rejected_queue_full": 0, "rejected_too_large": 0, "rejected_queue_timeout": 0,
-                         "cancelled_waiting": 0, "workers_lost": 0, "leases_expired": 0}
+                         "cancelled_waiting": 0, "workers_lost": 0, "leases_expired": 0, "adopted": 0}
 
     # ------------------------------------------------------------------ requests
     def submit(self, req: QueuedRequest) -> list[Placement]:
@@ -123,8 +130,7 @@ class Dispatcher:
             raise RequestTooLargeError(
                 f"the request needs {req.n} sequence(s) of up to {req.num_prompt_tokens + req.max_new_tokens} "
                 "tokens, more than any worker can hold at once; lower max_tokens or n")
-        if self.output_lengths is not None:
-            req.reserve_new_tokens = self.output_lengths.reserve_for(req.max_new_tokens)
+        self._estimate_output(req)
         req.queued_at = self.clock()
         self.waiting.append(req)
         placed = self.dispatch()
@@ -155,15 +161,22 @@ class Dispatcher:
             if worker is None:
                 break
             self.routing.routed(req, worker, now)
-            worker.inflight[req.request_id] = Reservation(
-                req.num_prompt_tokens + req.reserved_new_tokens * req.n, worker.blocks_for(req), req.n, now)
-            self.assigned[req.request_id] = worker.worker_id
+            self._reserve(req, worker, now)
             placed.append((req, worker.worker_id))
         if placed:
             done = {r.request_id for r, _ in placed}
             self.waiting = [r for r in self.waiting if r.request_id not in done]
             self.counters["admitted"] += len(placed)
         return placed
+
+    def _estimate_output(self, req: QueuedRequest) -> None:
+        if self.output_lengths is not None:
+            req.reserve_new_tokens = self.output_lengths.reserve_for(req.max_new_tokens)
+
+    def _reserve(self, req: QueuedRequest, worker: WorkerState, now: float, adopted: bool = False) -> None:
+        worker.inflight[req.request_id] = Reservation(
+            req.num_prompt_tokens + req.reserved_new_tokens * req.n, worker.blocks_for(req), req.n, now, adopted)
+        self.assigned[req.request_id] = worker.worker_id
 
     def expire_waiting(self) -> list[QueuedRequest]:
         """Take the requests that waited longer than ``queue_timeout_s`` out of the queue; the caller refuses them
@@ -211,11 +224,13 @@ class Dispatcher:
         info = dict(info)
         seq, events, snapshot = info.pop("cache_seq", None), info.pop("cache_events", None), info.pop(
             "cache_snapshot", None)
+        held = info.pop("held_requests", None) or {}
         worker = self.workers.get(worker_id)
         if worker is None:
             worker = self.workers[worker_id] = WorkerState(
                 worker_id, info["block_size"], info["num_total_blocks"],
                 self.max_inflight_per_worker or info["max_num_seqs"], now)
+            self._adopt(worker, held, now)
         worker.last_seen = now
         worker.num_total_blocks = info["num_total_blocks"]
         worker.free_blocks = info.get("num_free_blocks", worker.num_total_blocks)
@@ -226,11 +241,24 @@ class Dispatcher:
         worker.prefix_index.expire(now)
         active = set(info.get("active_request_ids", ()))
         for rid, res in list(worker.inflight.items()):
-            if rid not in active and now - res.routed_at > self.lease_grace_s:
+            # An adopted request was running when first reported: once unreported, it is over.
+            if rid not in active and (res.adopted or now - res.routed_at > self.lease_grace_s):
                 del worker.inflight[rid]
                 self.assigned.pop(rid, None)
                 self.counters["leases_expired"] += 1
         return self.dispatch()
+
+    def _adopt(self, worker: WorkerState, held: dict[str, list[int]], now: float) -> None:
+        """Reserve for the requests a worker holds when this dispatcher first hears of it: after a restart of the
+        scheduler, or after the worker was dropped (silent too long, or reported failed) and came back. ``held``:
+        request id -> [prompt tokens, max new tokens per sequence, n], reserved as ``dispatch`` would."""
+        for rid, (prompt_tokens, max_new_tokens, n) in held.items():
+            if rid in self.assigned:
+                continue
+            req = QueuedRequest(rid, prompt_tokens, max_new_tokens, n)
+            self._estimate_output(req)
+            self._reserve(req, worker, now, adopted=True)
+            self.counters["adopted"] += 1
 
     def needs_cache_snapshot(self, worker_id: str) -> bool:
         """Whether the worker should send its whole set of cached hashes with its next heartbeat (after a gap)."""

@@ -280,7 +280,11 @@ class Ingress:
     # ------------------------------------------------------------------ endpoints
     @app.get("/health")
     async def health(self) -> JSONResponse:
-        snap = await self.scheduler.snapshot.remote()
+        try:  # bounded: while Serve replaces a dead scheduler, the call would wait for the new replica
+            snap = await asyncio.wait_for(self.scheduler.snapshot.remote(), 5.0)
+        except Exception as e:  # noqa: BLE001 - a probe's answer, whatever went wrong
+            log.warning("health: the scheduler did not answer: %r", e)
+            return JSONResponse({"status": "scheduler unavailable", "workers": 0}, status_code=503)
         workers = len(snap["workers"])
         return JSONResponse({"status": "ok" if workers else "no workers", "workers": workers},
                             status_code=200 if workers else 503)

@@ -15,6 +15,12 @@ another directory under that name) can serve their own requests side by side whi
 Loading is validated by the workers themselves (they read the files): ``propose`` gives the snapshot with the new
 adapter, the scheduler broadcasts it, and then either ``commit``s it (every worker loaded it) or ``abandon``s it
 (a later version without it, so the workers that did load it drop it again).
+
+After a restart of the scheduler, the registry is rebuilt from the workers: each heartbeat carries the worker's
+snapshot, and until the registry makes a change of its own it ``adopt``s the newest one reported (its adapters,
+under their uids, and its version, so that later changes reach the workers as newer). Uids carry a random
+*epoch* drawn by each registry (``name#<epoch>.<n>``), so that a load made after a restart can never take the
+uid of an older load still resident on some worker (its engine would then serve the old weights under it).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import secrets
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,8 +71,10 @@ class LoRARegistry:
         self.merged = next((m.name for m in modules if m.merge), None)  # folded into the base weights
         self.reserved = set(reserved_names)  # the base model's names
         self.version = 0
+        self.epoch = secrets.token_hex(4)  # new in every scheduler process: see the module docstring
         self._uids = itertools.count(1)
         self._proposed: LoRARef | None = None
+        self._changed = False  # a change of its own made: no more adopting what workers report
 
     def resolve(self, name: str) -> LoRARef | None:
         """The load a request naming ``name`` gets; None for the base model (and for the merged adapter, which
@@ -85,7 +94,8 @@ class LoRARegistry:
         assert self._proposed is None, "one change at a time (the scheduler holds a lock)"
         if name in self.reserved or name == self.merged or name in self.adapters:
             raise LoRAError(f"The lora adapter '{name}' has already been loaded.")
-        self._proposed = LoRARef(name, f"{name}#{next(self._uids)}", path)
+        self._changed = True
+        self._proposed = LoRARef(name, f"{name}#{self.epoch}.{next(self._uids)}", path)
         return LoRASnapshot(self.version + 1, {**self.adapters, name: self._proposed})
 
     def commit(self) -> LoRARef:
@@ -105,8 +115,22 @@ class LoRARegistry:
             raise LoRAError(f"The lora adapter '{name}' is merged into the base weights and cannot be unloaded.")
         if self.adapters.pop(name, None) is None:
             raise UnknownLoRAError(f"The lora adapter '{name}' cannot be found.")
+        self._changed = True
         self.version += 1
         return self.snapshot()
+
+    def adopt(self, version: int, adapters: list[LoRARef] | None) -> None:
+        """A worker's snapshot, from its heartbeat. Newer than this registry's: the registry was restarted and
+        rebuilds itself from it (adapters and version), unless it already made a change of its own; then it only
+        moves its version past the worker's, so that the worker's next heartbeat reply brings it this registry's
+        adapters (a worker ignores snapshots older than its own)."""
+        if version <= self.version or adapters is None:
+            return
+        if self._changed:
+            self.version = version + 1
+            return
+        self.adapters = {ref.name: LoRARef(*ref) for ref in adapters}
+        self.version = version
 
 
 class WorkerAdapters:
@@ -189,3 +213,8 @@ class WorkerAdapters:
 
     def info(self) -> dict[str, Any]:
         return {"lora_version": self.version, "lora_held": sorted(self.held)}
+
+    def report(self) -> dict[str, Any]:
+        """The heartbeat's part: the snapshot this worker follows, from which a restarted scheduler rebuilds its
+        registry (``LoRARegistry.adopt``)."""
+        return {"lora_version": self.version, "lora_adapters": list(self.wanted.adapters.values())}

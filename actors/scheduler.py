@@ -11,6 +11,13 @@ LoRA adapters (``actors/lora_registry.py``): the registry of what requests may n
 a request's adapter (404 if none), and ``load_lora`` / ``unload_lora`` change the registry and broadcast it to
 every worker, which heartbeats then repeat to any worker still behind.
 
+After a restart (Serve replaces a scheduler replica that died), this replica rebuilds what it can from the
+workers' heartbeats: the requests each worker holds and their reservations (``Dispatcher._adopt``), what their
+prefix caches hold (a snapshot, asked for on the numbering gap), and the LoRA registry with its version
+(``LoRARegistry.adopt``). Until every routed worker has been heard from, a request naming an adapter this
+replica does not know yet waits for that rather than getting a 404. The global queue itself is lost: its
+requests' ``admit`` calls fail, and their ingresses answer them 503 + Retry-After.
+
 Workers are routed to only while Serve's controller routes to them too:
 this process holds a handle to the worker deployment whose ``PinnedReplicaRouter`` reports the controller's
 replica set. A replica being scaled down leaves that set before it drains, and so stops getting new requests
@@ -63,6 +70,9 @@ class Scheduler:
         self._decisions_flushed: dict[str, int] = {}
         self._labels = (cfg.model_name, SCHEDULER_REPLICA)
         self._loop = asyncio.get_running_loop()
+        self._rebuilt = asyncio.Event()  # every routed worker has been heard from since this replica started
+        self._heard_from: set[str] = set()
+        self._rebuild_wait_s = cfg.worker_timeout_s
         self._expiry_task = self._loop.create_task(self._expire_loop(cfg.heartbeat_interval_s))
         self.worker_deployment = (serve.get_replica_context().app_name, worker_deployment)
         watch_replicas(self._on_replicas)
@@ -74,7 +84,7 @@ class Scheduler:
         lora = None
         if req.lora_name is not None:
             try:
-                lora = self.loras.resolve(req.lora_name)
+                lora = await self._resolve_lora(req.lora_name)
             except UnknownLoRAError as e:
                 return Admission(None, 404, str(e))
         waiter = asyncio.get_running_loop().create_future()
@@ -104,7 +114,25 @@ class Scheduler:
                       output_tokens_per_seq: int | None = None) -> None:
         self._wake(self.core.release(request_id, worker_failed, output_tokens_per_seq))
 
+    async def _resolve_lora(self, name: str):
+        """The registry's load for ``name``; right after a restart, a name not known yet waits (up to
+        ``worker_timeout_s``) until every routed worker's heartbeat has had its say (``LoRARegistry.adopt``)."""
+        try:
+            return self.loras.resolve(name)
+        except UnknownLoRAError:
+            if self._rebuilt.is_set():
+                raise
+        try:
+            await asyncio.wait_for(self._rebuilt.wait(), self._rebuild_wait_s)
+        except asyncio.TimeoutError:
+            pass
+        return self.loras.resolve(name)
+
     async def heartbeat(self, worker_id: str, info: dict[str, Any]) -> dict[str, Any]:
+        info = dict(info)
+        self.loras.adopt(info.get("lora_version", 0), info.pop("lora_adapters", None))
+        self._heard_from.add(worker_id)
+        self._check_rebuilt()
         self._wake(self.core.heartbeat(worker_id, info))
         reply = {"num_waiting": len(self.core.waiting), "num_workers": len(self.core.workers),
                  "send_cache_snapshot": self.core.needs_cache_snapshot(worker_id)}
@@ -183,7 +211,16 @@ class Scheduler:
     def _on_replicas(self, app: str, deployment: str, replica_ids: set[str]) -> None:
         # Called on the router's event loop, which may be another thread: hop onto ours.
         if (app, deployment) == self.worker_deployment:
-            self._loop.call_soon_threadsafe(lambda: self._wake(self.core.set_routable(replica_ids)))
+            def apply() -> None:
+                self._wake(self.core.set_routable(replica_ids))
+                self._check_rebuilt()
+
+            self._loop.call_soon_threadsafe(apply)
+
+    def _check_rebuilt(self) -> None:
+        routable = self.core.routable
+        if not self._rebuilt.is_set() and routable is not None and routable <= self._heard_from:
+            self._rebuilt.set()
 
     def _wake(self, placed: list[Placement]) -> None:
         for req, worker_id in placed:

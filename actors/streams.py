@@ -1,6 +1,8 @@
 """The ingress side of a request's trip: a worker from the scheduler, then its tokens over that worker's channel.
 
-``Streams.start`` asks the scheduler for a worker (``admit``: may wait in the global queue, or be refused;
+``Streams.start`` asks the scheduler for a worker (``admit``: may wait in the global queue, or be refused; a call
+that cannot even reach a scheduler replica within ``scheduler_reach_s``, because the replica died and Serve is
+starting another, is answered 503 + Retry-After at once rather than left waiting for the restart;
 with a prefix-aware routing policy the request carries its prompt's block hashes, ``hash_block_size`` set),
 makes sure this ingress has a channel open to that worker, registers the request's queue on it and submits
 the request. A worker that turns out to be gone, or a channel that closed for idleness at that moment, gives
@@ -43,6 +45,9 @@ from gpt2serve.engine.sampling_params import SamplingParams
 
 log = logging.getLogger("ray.serve")
 WORKER_LOST = (RayActorError, ActorUnavailableError, ReplicaUnavailableError)
+# How long an admit call may take to reach a scheduler replica (not to be answered: it may then wait in the global
+# queue). A live replica takes it at once; none within this is a restart, which takes seconds.
+SCHEDULER_REACH_S = 2.0
 
 
 def detached(call):
@@ -143,8 +148,9 @@ def worker_error(item: WorkerError) -> APIError:
 
 class Streams:
     def __init__(self, scheduler, worker, max_model_len: int, max_attempts: int = 3,
-                 hash_block_size: int | None = None):
+                 hash_block_size: int | None = None, scheduler_reach_s: float = SCHEDULER_REACH_S):
         self.scheduler = scheduler
+        self.scheduler_reach_s = scheduler_reach_s
         self.hash_block_size = hash_block_size  # the engine's block size, when routing reads prefix hashes
         self.worker = worker
         self.max_model_len = max_model_len
@@ -218,6 +224,11 @@ class Streams:
     async def _admit(self, req: QueuedRequest) -> Admission:
         call = self.scheduler.admit.remote(req)
         try:
+            try:
+                await asyncio.wait_for(call._to_object_ref(), self.scheduler_reach_s)  # assigned to a replica
+            except asyncio.TimeoutError:
+                call.cancel()
+                raise APIError(503, "the scheduler is restarting; retry", retry_after_s=self.scheduler_reach_s)
             verdict = await call
         except asyncio.CancelledError:
             call.cancel()  # leaves the global queue (or gives back the reservation just made)

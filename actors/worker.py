@@ -31,7 +31,9 @@ numbered, folded into a mirror set here: ``prefix_index.CacheReport``), or the w
 scheduler's reply asks for it, so that the scheduler can route a prompt to the replica caching its prefix. The
 mirror is this loop's own: the engine's step thread is never read from here. The same loop
 ticks the replica's metrics (``engine.metrics.ServingMetrics``: engine gauges, GPU-seconds and cost), which go
-to Ray's metrics endpoint and, through ``metrics_families()``, to the ingress's ``/metrics``.
+to Ray's metrics endpoint and, through ``metrics_families()``, to the ingress's ``/metrics``. Heartbeats also
+carry the size of every request held here and the LoRA snapshot this replica follows, from which a restarted
+scheduler rebuilds its reservations and its registry.
 
 Health: the engine's ``StepWatchdog`` (``engine/watchdog.py``) judges whether its steps still make progress
 (settings: ``worker_health``). The heartbeat loop asks it on every tick; once it says no, this replica fails the
@@ -351,6 +353,16 @@ class ModelWorker:
             raise RuntimeError("fault injection is off on this service (fault_injection: true turns it on)")
         engine.inject(mode)
 
+    def _held_requests(self) -> dict[str, list[int]]:
+        """Request id -> [prompt tokens, max new tokens per sequence, n]: what a restarted scheduler reserves for
+        the requests running here (``admission.Dispatcher._adopt``)."""
+        held = {}
+        for rid, run in self.running.items():
+            prompt, params = len(run.work.prompt_token_ids), run.work.params
+            # No max_tokens (chat): up to the context, as the ingress asked admission for.
+            held[rid] = [prompt, params.max_tokens or self.llm.engine.max_model_len - prompt, params.n]
+        return held
+
     async def _heartbeat_loop(self) -> None:
         while True:
             try:
@@ -360,7 +372,8 @@ class ModelWorker:
             try:
                 # Bounded: a call to a deployment with no replica (scheduler restarting) would wait forever.
                 self._check_engine()
-                info = {**self.info(), **self._cache_fields()}
+                info = {**self.info(), **self._cache_fields(), **self.adapters.report(),
+                        "held_requests": self._held_requests()}
                 reply = await asyncio.wait_for(self.scheduler.heartbeat.remote(self.replica_id, info),
                                                max(5.0, 4 * self.heartbeat_interval_s))
                 self.global_queue_share = reply["num_waiting"] / max(reply["num_workers"], 1)

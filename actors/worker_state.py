@@ -19,6 +19,7 @@ class Reservation:
     blocks: int
     seqs: int
     routed_at: float
+    adopted: bool = False  # found running on the worker (a restart), not routed by this dispatcher
 
 
 @dataclass

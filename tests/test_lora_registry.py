@@ -55,6 +55,27 @@ def test_registry_versions_uids_and_refusals():
     assert again.uid != first.uid  # a reload never shares prefix-cache keys with the old load
 
 
+def test_a_registry_adopts_the_newest_worker_snapshot_until_it_changes_something_itself():
+    old = LoRARegistry([LoRAModuleConfig(name="boot", path="/a")], {"base"})
+    old.propose("poetry", "/p")
+    poetry = old.commit()
+    reported = (old.version, list(old.snapshot().adapters.values()))  # what a worker following it reports
+
+    new = LoRARegistry([LoRAModuleConfig(name="boot", path="/a")], {"base"})  # the scheduler restarted
+    assert new.epoch != old.epoch and poetry.uid.startswith(f"poetry#{old.epoch}.")
+    new.adopt(0, [])  # a worker that never heard from any scheduler: nothing to learn
+    new.adopt(*reported)
+    assert new.resolve("poetry") == poetry and new.version == old.version
+    new.adopt(old.version - 1, [])  # older news changes nothing
+    assert new.resolve("poetry") == poetry
+
+    new.propose("verse", "/v")
+    new.commit()
+    ahead = new.version + 5  # a worker that followed a snapshot this registry never saw
+    new.adopt(ahead, [])  # after a change of its own: only its version moves past the worker's, so that the
+    assert set(new.adapters) == {"boot", "poetry", "verse"} and new.version == ahead + 1  # worker catches up
+
+
 # ---------------------------------------------------------------------- a worker's adapters, on a real engine
 @pytest.fixture(scope="module")
 def dirs(tiny_model_dir, tmp_path_factory):
@@ -170,6 +191,41 @@ def test_late_and_reloaded_requests_get_the_load_they_were_admitted_with(make_en
         assert both == [expected["poetry"], expected["poetry-v2"], expected[None]]
         await adapters.sweep()
         assert set(adapters.held) == {"poetry#2"}
+
+    asyncio.run(scenario())
+
+
+def test_after_a_scheduler_restart_a_reload_never_gets_the_uid_of_a_load_still_resident(make_engine, dirs, prompt,
+                                                                                          expected):
+    """The old registry loaded ``poetry``; a request still runs with it when the scheduler restarts. The new registry
+    rebuilds itself from the worker's report, unloads ``poetry`` and loads another directory under that name: the
+    new load's uid is new (another epoch), so the worker loads the new weights instead of serving the old ones
+    under an old uid, and each request gets the weights its admission named."""
+    llm = AsyncLLM(make_engine(enable_lora=True, max_loras=2, max_lora_rank=16))
+    adapters = WorkerAdapters(llm)
+    before = LoRARegistry([], {"base"})
+    before.propose("poetry", str(dirs["poetry"]))
+    old = before.commit()
+
+    async def scenario():
+        await adapters.sync(before.snapshot())
+        started = asyncio.Event()
+        running = asyncio.create_task(_generate(llm, adapters, old, prompt, "running", started))
+        await started.wait()
+
+        after = LoRARegistry([], {"base"})  # the restarted scheduler
+        report = adapters.report()
+        after.adopt(report["lora_version"], report["lora_adapters"])
+        assert after.resolve("poetry") == old
+        await adapters.sync(after.remove("poetry"))
+        after.propose("poetry", str(dirs["poetry-v2"]))
+        new = after.commit()
+        assert new.uid != old.uid
+        await adapters.sync(after.snapshot())
+        assert await _generate(llm, adapters, after.resolve("poetry"), prompt, "new") == expected["poetry-v2"]
+        assert await running == expected["poetry"]
+        await adapters.sweep()
+        assert set(adapters.held) == {new.uid}
 
     asyncio.run(scenario())
 

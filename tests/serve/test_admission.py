@@ -229,6 +229,26 @@ def test_requests_waiting_past_the_queue_timeout_leave_the_queue():
     assert make(clock=clock).expire_waiting() == []  # no timeout configured: nothing expires
 
 
+def test_a_restarted_scheduler_adopts_what_workers_hold_and_does_not_over_admit():
+    """A new dispatcher (the scheduler replica was replaced) meets workers that are busy: their first heartbeats
+    name the requests they hold, with sizes, and those are reserved before anything new is routed."""
+    d = make(max_queued=8)
+    busy = info(blocks=10, seqs=4, active=["old1", "old2"])
+    # Two requests of 16 prompt + 16 new tokens: 2 blocks each, one of them n=2 (two slots, 4 blocks).
+    busy["held_requests"] = {"old1": [16, 16, 1], "old2": [16, 16, 2]}
+    assert d.submit(req("new1")) == []  # no worker known yet: it waits
+    assert ids(d.heartbeat("w1", busy)) == [("new1", "w1")]  # 3 + 1 slots of 4, 6 + 2 blocks of 10
+    assert d.counters["adopted"] == 2 and d.assigned == {"old1": "w1", "old2": "w1", "new1": "w1"}
+    assert d.workers["w1"].inflight_seqs == 4 and d.workers["w1"].reserved_blocks == 8
+    assert d.submit(req("new2")) == []  # every slot is taken, as on the worker itself
+    assert "held_requests" not in d.workers["w1"].stats
+    # Later heartbeats adopt nothing more (a release may have overtaken a report); their ingress's release
+    # reaches the new scheduler, or the worker stops listing them.
+    assert ids(d.release("old1")) == [("new2", "w1")]
+    assert d.heartbeat("w1", {**busy, "active_request_ids": ["new1", "new2"]}) == []
+    assert set(d.assigned) == {"new1", "new2"} and d.counters["adopted"] == 2
+
+
 def test_a_worker_reporting_itself_unhealthy_gets_no_new_request():
     d = make()
     d.heartbeat("sick", info())

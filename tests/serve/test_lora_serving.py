@@ -1,5 +1,5 @@
 """LoRA adapters through the service: `/v1/load_lora_adapter`, `/v1/unload_lora_adapter`, `model: "<adapter>"`,
-`/v1/models`, and hot-swapping while 20 streams run.
+`/v1/models`, hot-swapping while 20 streams run, and the scheduler (which holds the registry) killed under load.
 
 One application of 2 workers with LoRA on (2 GPU slots per worker, rank up to 16), ``business`` preloaded by
 the config, deployed beside the session's. Expected outputs come from an engine alone with the same adapter
@@ -266,3 +266,96 @@ def test_hot_swap_while_20_streams_run(app, dirs, prompts, expected):
             sorted(u.split("#")[0] for u in next(iter(_held_uids(app).values()))) != ["business", "poetry", "verse"]:
         assert time.monotonic() < deadline, _held_uids(app)
         time.sleep(0.2)
+
+
+async def _answer(client: httpx.AsyncClient, body: dict) -> tuple[int, str | dict, str | None]:
+    """(status, text or error body, Retry-After): an error event ending a stream counts with its own code."""
+    async with client.stream("POST", "/v1/completions", json=body) as r:
+        if r.status_code != 200:
+            return r.status_code, json.loads(await r.aread()), r.headers.get("retry-after")
+        events = parse_sse([line async for line in r.aiter_lines()])
+    assert events[-1] == "[DONE]", events[-3:]
+    if "error" in events[-2]:
+        return events[-2]["error"]["code"], events[-2], None
+    return 200, "".join(e["choices"][0]["text"] for e in events[:-1]), None
+
+
+def _kill_scheduler(app_name: str) -> None:
+    import ray
+
+    (name,) = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+               if a["name"].startswith(f"SERVE_REPLICA::{app_name}#Scheduler#")]
+    ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+
+
+def test_a_killed_scheduler_is_replaced_and_rebuilds_its_state_from_the_workers(app, dirs, prompts, expected):
+    """20 clients stream over every adapter (runtime loads among them: the registry the scheduler held) when the
+    scheduler replica is killed. Every request in flight ends within 5 s, with its adapter's output or a retryable
+    503 (those queued in the scheduler); none hangs. Serve starts a new scheduler, which rebuilds from the
+    workers' heartbeats: the first request after the kill names a runtime-loaded adapter and is served by it (no
+    404 while the registry is rebuilt), every adapter resolves to its weights again, an adapter reloaded after the
+    restart gets a uid no worker held before, and the pools end free."""
+    available = {MODEL_NAME: None, "business": "business", "poetry": "poetry-v2", "verse": "verse"}
+    answered: list[tuple[str | None, int, int, str | dict, str | None, float, float]] = []
+    stop = asyncio.Event()
+
+    async def client_loop(client: httpx.AsyncClient, seed: int) -> None:
+        rng = random.Random(seed)
+        while not stop.is_set():
+            model = rng.choice(sorted(available))
+            p, start = rng.randrange(len(prompts)), time.monotonic()
+            status, text, retry_after = await _answer(client, _completion(model, prompts[p]))
+            answered.append((available[model], p, status, text, retry_after, start, time.monotonic()))
+
+    async def scenario():
+        limits = httpx.Limits(max_connections=NUM_STREAMS + 8)
+        async with httpx.AsyncClient(base_url=app.base_url, timeout=120, limits=limits) as client:
+            clients = [asyncio.create_task(client_loop(client, seed)) for seed in range(NUM_STREAMS)]
+            while len(answered) < 2 * NUM_STREAMS:
+                await asyncio.sleep(0.05)
+            held_before = set().union(*(await asyncio.to_thread(_held_uids, app)).values())
+            stop.set()  # no request starts after the kill: each one in flight must end on its own
+            killed_at = time.monotonic()
+            await asyncio.to_thread(_kill_scheduler, app.app)
+            await asyncio.wait_for(asyncio.gather(*clients), 30)
+            in_flight = [a for a in answered if a[6] > killed_at]
+            # The first request after the kill, retried as a client would while the scheduler restarts: once it
+            # reaches the new replica, that replica resolves the name from the registry rebuilt from heartbeats.
+            retries = []
+            while True:
+                first = await asyncio.wait_for(_answer(client, _completion("verse", prompts[0])), 60)
+                if first[0] != 503 or len(retries) == 30:
+                    break
+                retries.append(first)
+                await asyncio.sleep(float(first[2] or 1))
+            again = await asyncio.gather(*(_answer(client, _completion(model, prompts[i]))
+                                           for model in available for i in range(len(prompts))))
+            assert (await client.post("/v1/unload_lora_adapter", json={"lora_name": "poetry"})).status_code == 200
+            r = await client.post("/v1/load_lora_adapter", json={"lora_name": "poetry", "lora_path": str(dirs["poetry"])})
+            assert r.status_code == 200, r.text
+            reloaded = await _answer(client, _completion("poetry", prompts[1]))
+            return killed_at, in_flight, retries, first, again, held_before, reloaded
+
+    killed_at, in_flight, retries, first, again, held_before, reloaded = asyncio.run(asyncio.wait_for(scenario(), 200))
+    assert in_flight, "the kill came when no request was in flight: it tested nothing"
+    late = [a for a in in_flight if a[6] - killed_at > 5]
+    assert not late, f"{len(late)} requests took more than 5 s after the kill, e.g. {late[:2]}"
+    for key, p, status, text, retry_after, _, _ in in_flight:
+        assert status in (200, 503), (status, text)
+        if status == 200:
+            assert text == expected[(key, p, NEW)]
+        else:
+            assert "retry" in text["error"]["message"] and (retry_after is None or int(retry_after) >= 1), text
+    assert all("restarting" in r[1]["error"]["message"] for r in retries), retries
+    assert first == (200, expected[("verse", 0, NEW)], None)
+    keys = [available[m] for m in available for _ in prompts]
+    assert [(status, text) for status, text, _ in again] == [
+        (200, expected[(key, i % len(prompts), NEW)]) for i, key in enumerate(keys)]
+    assert reloaded == (200, expected[("poetry", 1, NEW)], None)
+    app.wait_idle()
+    from ray import serve
+
+    listing = serve.get_deployment_handle("Scheduler", app_name=app.app).list_loras.remote().result(timeout_s=30)
+    (poetry,) = [ref for ref in listing["adapters"] if ref.name == "poetry"]
+    assert poetry.path == str(dirs["poetry"]) and all(poetry.uid in held for held in _held_uids(app).values())
+    assert poetry.uid not in held_before  # another epoch: never the uid of a load some worker still held

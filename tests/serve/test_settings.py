@@ -108,6 +108,8 @@ def test_build_app_wires_router_autoscaling_policy_and_overrides():
     assert config.max_ongoing_requests == DEFAULT_MAX_ONGOING
     # The worker's health limits and the test-only fault switch (off) reach the worker.
     assert worker.init_args[6:] == ({"stall_timeout_s": 120.0, "max_failed_steps": 3}, False)
+    # A dead scheduler is noticed sooner than Serve's default health check would.
+    assert scheduler_app._bound_deployment._deployment_config.health_check_period_s == 2.0
 
 
 def test_engine_load_policy():

@@ -25,6 +25,9 @@ class Call:
     def __await__(self):
         return self.coro.__await__()
 
+    async def _to_object_ref(self):  # Serve's "assigned to a replica": at once, as with a live scheduler
+        return None
+
     def cancel(self):
         self.cancelled = True
 
@@ -118,7 +121,7 @@ def params(**kw):
 
 
 async def settle():
-    for _ in range(5):
+    for _ in range(20):  # enough loop turns for a request to go through admit, channel and submit
         await asyncio.sleep(0)
 
 
@@ -275,6 +278,9 @@ def test_a_cancel_that_comes_after_the_admission_still_gives_the_reservation_bac
 
         def __await__(self):
             return self._wait().__await__()
+
+        async def _to_object_ref(self):
+            return None
 
         async def _wait(self):
             await self.answered.wait()
@@ -433,3 +439,31 @@ def test_a_replica_failing_a_request_for_its_own_trouble_is_a_retryable_503():
 
     asyncio.run(go())
 
+
+def test_an_admission_that_reaches_no_scheduler_replica_is_a_quick_retryable_503():
+    """The scheduler replica died and Serve is starting another: the call is not even assigned to a replica. It is
+    cancelled after scheduler_reach_s and answered 503 + Retry-After, instead of waiting for the restart."""
+
+    class Unassigned:
+        cancelled = False
+
+        async def _to_object_ref(self):
+            await asyncio.Event().wait()  # no replica to take it
+
+        def __await__(self):
+            raise AssertionError("a call that reached no replica has no answer to wait for")
+
+        def cancel(self):
+            self.cancelled = True
+
+    async def go():
+        scheduler, worker = FakeScheduler([]), FakeWorker()
+        calls = []
+        scheduler.admit = Method(lambda req: calls.append(Unassigned()) or calls[-1])
+        streams = Streams(scheduler, worker, max_model_len=64, scheduler_reach_s=0.2)
+        with pytest.raises(APIError) as e:
+            await asyncio.wait_for(streams.start_all("r", [[1]], params(), 0), 5)
+        assert (e.value.status, e.value.retry_after_s) == (503, 0.2) and "restarting" in e.value.message
+        assert calls[0].cancelled and scheduler.released == [] and worker.submitted == []
+
+    asyncio.run(go())
