@@ -20,6 +20,11 @@ Settings (flag or environment variable):
   --seed          / LOCUST_SEED             0
   --summary-json  / LOCUST_SUMMARY_JSON     where to write the summary
 
+Every request is also counted by how it was answered (``outcomes`` in the summary): ``ok``; ``retryable`` (HTTP 408,
+429 or 503 with Retry-After, or a stream ending with an error event of code 408, 429 or 503: what a client retries);
+``http_500``; ``error_<status>`` for any other status; ``incomplete`` (answered, but not with the tokens asked for);
+``lost`` (no answer at all: the connection broke, or a stream ended with neither [DONE] nor an error event).
+
 Headless W4 at 100 users, CSV and HTML report (``--processes`` spreads users over cores, so that the load
 generator's own CPU does not inflate the latencies it measures):
 
@@ -34,6 +39,7 @@ import math
 import random
 import time
 import urllib.request
+from collections import Counter
 from typing import Any
 
 from locust import FastHttpUser, constant, events, task
@@ -42,7 +48,9 @@ from locust.runners import MasterRunner, WorkerRunner
 KINDS = ("stream", "chat_stream", "completion")
 _samples: dict[str, list[float]] = {"ttft": [], "tpot": [], "e2e": []}
 _tokens = [0]  # output tokens of completed requests in this process (sent to the master by workers)
-_totals: dict[str, Any] = {"ttft": [], "tpot": [], "e2e": [], "tokens": 0}  # on the master (or a lone process)
+_outcomes: Counter[str] = Counter()  # how this process's requests were answered (see the module docstring)
+_totals: dict[str, Any] = {"ttft": [], "tpot": [], "e2e": [], "tokens": 0, "outcomes": Counter()}  # on the master
+RETRYABLE = (408, 429, 503)
 _service_before: dict[str, float] = {}
 
 
@@ -84,7 +92,18 @@ def percentile(values: list[float], q: float) -> float | None:
 
 
 class StreamFailure(Exception):
-    pass
+    def __init__(self, message: str, outcome: str):
+        super().__init__(message)
+        self.outcome = outcome
+
+
+def outcome(status: int, retry_after: str | None = None, event: bool = False) -> str:
+    """The class of an error answer: an HTTP status (with its Retry-After header), or a stream's error event."""
+    if status == 0:  # FastHttpUser's status for a connection that broke before any answer
+        return "lost"
+    if status in RETRYABLE and (event or status == 408 or retry_after):
+        return "retryable"
+    return "http_500" if status == 500 else f"error_{status}"
 
 
 class LLMUser(FastHttpUser):
@@ -126,6 +145,7 @@ class LLMUser(FastHttpUser):
     def _plain(self, path: str, body: dict, kind: str) -> None:
         with self.client.post(path, json=body, name=f"{path} [{kind}]", catch_response=True) as resp:
             if resp.status_code != 200:
+                _outcomes[outcome(resp.status_code, resp.headers.get("retry-after"))] += 1
                 resp.failure(f"HTTP {resp.status_code}: {(resp.text or '')[:200]}")
                 return
             tokens = resp.json()["usage"]["completion_tokens"]
@@ -144,7 +164,8 @@ class LLMUser(FastHttpUser):
                               catch_response=True) as resp:
             try:
                 if resp.status_code != 200:
-                    raise StreamFailure(f"HTTP {resp.status_code}: {(resp.text or '')[:200]}")
+                    raise StreamFailure(f"HTTP {resp.status_code}: {(resp.text or '')[:200]}",
+                                        outcome(resp.status_code, resp.headers.get("retry-after")))
                 # Small reads: geventhttpclient's read(n) waits for n bytes, and the first event must not wait.
                 for chunk in resp.iter_content(chunk_size=64, decode_content=False):
                     if first is None:
@@ -158,16 +179,20 @@ class LLMUser(FastHttpUser):
                             continue
                         payload = json.loads(data)
                         if "error" in payload:
-                            raise StreamFailure(f"error event: {payload['error'].get('message', '')[:200]}")
+                            error = payload["error"]
+                            raise StreamFailure(f"error event {error.get('code')}: {error.get('message', '')[:200]}",
+                                                outcome(int(error.get("code") or 500), event=True))
                         if payload.get("usage"):
                             usage = payload["usage"]
                 end = time.perf_counter()
                 if not done or usage is None or first is None:
-                    raise StreamFailure(f"stream ended early (done={done}, usage={usage is not None})")
+                    raise StreamFailure(f"stream ended early (done={done}, usage={usage is not None})", "lost")
             except StreamFailure as e:
+                _outcomes[e.outcome] += 1
                 resp.failure(str(e))
                 return
             except Exception as e:  # noqa: BLE001 - a broken stream is a failed request, not a crashed user
+                _outcomes["lost"] += 1
                 resp.failure(f"{type(e).__name__}: {e}")
                 return
             tokens = usage["completion_tokens"]
@@ -187,8 +212,10 @@ class LLMUser(FastHttpUser):
 
     def _check(self, resp, tokens: int, max_tokens: int) -> bool:
         if self.ignore_eos and tokens != max_tokens:
+            _outcomes["incomplete"] += 1
             resp.failure(f"{tokens} completion tokens, expected {max_tokens} (ignore_eos)")
             return False
+        _outcomes["ok"] += 1
         resp.success()
         return True
 
@@ -201,9 +228,11 @@ class LLMUser(FastHttpUser):
 def _drain() -> dict[str, Any]:
     data = {k: list(v) for k, v in _samples.items()}
     data["tokens"] = _tokens[0]
+    data["outcomes"] = dict(_outcomes)
     for v in _samples.values():
         v.clear()
     _tokens[0] = 0
+    _outcomes.clear()
     return data
 
 
@@ -211,6 +240,7 @@ def _absorb(data: dict[str, Any]) -> None:
     for k in ("ttft", "tpot", "e2e"):
         _totals[k].extend(data.get(k, []))
     _totals["tokens"] += data.get("tokens", 0)
+    _totals["outcomes"].update(data.get("outcomes", {}))
 
 
 @events.report_to_master.add_listener
@@ -270,6 +300,7 @@ def _(environment, **kwargs) -> None:
         "tpot_ms_p50": ms(percentile(_totals["tpot"], 50)), "tpot_ms_p99": ms(percentile(_totals["tpot"], 99)),
         "e2e_ms_p50": ms(percentile(_totals["e2e"], 50)), "e2e_ms_p99": ms(percentile(_totals["e2e"], 99)),
         "num_ttft": len(_totals["ttft"]), "num_tpot": len(_totals["tpot"]),
+        "outcomes": dict(sorted(_totals["outcomes"].items())),
     }
     summary["req_s"] = round(len(_totals["e2e"]) / wall, 3)
     summary["errors_pct"] = round(100 * summary["failures"] / max(summary["requests"], 1), 3)

@@ -6,7 +6,8 @@ For the telemetry tests (tests/telemetry) and for trying dashboards and load tes
     bash scripts/prometheus.sh --service 127.0.0.1:8000 --ray 127.0.0.1:8080      # in another shell
     locust -f loadtests/locustfile.py --host http://127.0.0.1:8000 --max-token-id 500 ...
 
-Prints one line ``READY {json}`` (service URL, Ray metrics port, model name) once every worker is routed.
+Prints one line ``READY {json}`` (service URL, Ray metrics port, model name, the Ray cluster's GCS address for
+drivers that want to join it, e.g. to kill a replica: loadtests/worker_kill.py) once every worker is routed.
 Ray's own metrics are exported on ``--metrics-export-port`` (Ray's per-node metrics agent), reported every
 ``RAY_metrics_report_interval_ms`` (1 s here unless set; Ray's default is 10 s).
 """
@@ -35,6 +36,7 @@ def main() -> None:
     ap.add_argument("--model-name", default="tiny-gpt2")
     ap.add_argument("--max-queued-requests", type=int, default=64)
     ap.add_argument("--num-gpu-blocks", type=int, default=256, help="KV pool of each worker, in 16-token blocks")
+    ap.add_argument("--max-num-seqs", type=int, default=8, help="sequences each worker's engine runs at once")
     ap.add_argument("--kv-overcommit", type=float, default=1.0,
                     help="above 1 the scheduler routes more than fits, so the engines preempt")
     ap.add_argument("--preemption-policy", default="recompute", choices=("recompute", "swap"))
@@ -70,7 +72,8 @@ def main() -> None:
         quarter = {"ray_actor_options": {"num_cpus": 0.25}}
         app = serve_app.build_app({
             "engine": dict(model=str(model_dir), device="cpu", dtype="float32", num_gpu_blocks=args.num_gpu_blocks,
-                           block_size=16, max_num_batched_tokens=256, max_num_seqs=8, swap_space_gib=0.05,
+                           block_size=16, max_num_batched_tokens=256, max_num_seqs=args.max_num_seqs,
+                           swap_space_gib=0.05,
                            preemption_policy=args.preemption_policy,
                            speculative={"method": "ngram", "num_speculative_tokens": args.num_speculative_tokens}
                            if args.num_speculative_tokens else None),
@@ -98,7 +101,8 @@ def main() -> None:
             time.sleep(0.2)
         print("READY " + json.dumps({"url": url, "ray_metrics_port": args.metrics_export_port,
                                      "model": args.model_name, "model_dir": str(model_dir),
-                                     "price_per_gpu_hour": args.price_per_hour, "workers": args.workers}),
+                                     "price_per_gpu_hour": args.price_per_hour, "workers": args.workers,
+                                     "gcs_address": ray.get_runtime_context().gcs_address}),
               flush=True)
         while not stop.wait(1.0):
             pass
