@@ -38,8 +38,8 @@ scheduler rebuilds its reservations and its registry.
 Health: the engine's ``StepWatchdog`` (``engine/watchdog.py``) judges whether its steps still make progress
 (settings: ``worker_health``). The heartbeat loop asks it on every tick; once it says no, this replica fails the
 requests it holds with a retryable 503, refuses new ones, reports itself unhealthy (the scheduler routes nothing
-more here) and fails ``check_health``, so that Serve replaces it. A step that raises fails only the requests in
-it, also with a retryable 503.
+more here) and fails ``check_health``, so that Serve replaces it. A step that raises fails the requests in
+flight in the engine, also with a retryable 503.
 """
 
 from __future__ import annotations

@@ -57,21 +57,27 @@ def kill_one_worker() -> str:
     return victim.rsplit("#", 1)[1]
 
 
+def recovered(url: str, killed: str) -> dict | None:
+    """The live view, if two workers are routed, the killed one not among them, and every pool is free with
+    nothing running or waiting; else None."""
+    try:
+        stats = get_json(f"{url}/playground/stats")
+    except OSError:
+        return None
+    workers = stats["workers"]
+    done = (len(workers) == 2 and killed not in [w["id"] for w in workers] and stats["running"] == 0
+            and stats["waiting"]["queue"] == 0
+            and all(w["free_blocks"] == w["total_blocks"] and w["waiting"] == 0 for w in workers))
+    return stats if done else None
+
+
 def wait_recovered(url: str, killed: str, timeout_s: float = 120) -> dict:
-    """Until two workers are routed, the killed one not among them, and every pool is free with nothing running."""
     deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            stats = get_json(f"{url}/playground/stats")
-            ids = [w["id"] for w in stats["workers"]]
-            if (len(ids) == 2 and killed not in ids and stats["running"] == 0 and stats["waiting"]["queue"] == 0
-                    and all(w["free_blocks"] == w["total_blocks"] and w["waiting"] == 0 for w in stats["workers"])):
-                return stats
-        except OSError:
-            pass
+    while (stats := recovered(url, killed)) is None:
         if time.monotonic() > deadline:
             raise SystemExit(f"the service did not recover within {timeout_s} s")
         time.sleep(0.5)
+    return stats
 
 
 def main() -> None:
@@ -98,7 +104,9 @@ def main() -> None:
     ray.init(address=info["gcs_address"], log_to_driver=False)  # joined now: the kill itself takes no time
     run: dict = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "users": args.users,
                  "run_time_s": args.run_time, "max_num_seqs": args.max_num_seqs,
-                 "max_queued_requests": args.max_queued_requests, "locust_args": args.locust_args}
+                 "max_queued_requests": args.max_queued_requests, "locust_args": args.locust_args,
+                 # The machine may be shared: what else ran shows in its load average (1, 5, 15 min).
+                 "loadavg_at_start": [round(x, 2) for x in os.getloadavg()], "cpu_count": os.cpu_count()}
     try:
         locust = [sys.executable, "-m", "locust", "-f", str(ROOT / "loadtests/locustfile.py"), "--host", url,
                   "--headless", "-u", str(args.users), "-r", str(args.spawn_rate), "-t", f"{args.run_time}s",
@@ -114,6 +122,7 @@ def main() -> None:
         run["in_flight_at_kill"] = {"running": before["running"], "queued": before["waiting"]["queue"]}
         print(f"killed worker {run['killed_worker']} at {run['killed_at_s']} s", flush=True)
         run["locust_exit_code"] = load.wait()
+        run["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
         run["locust_wall_s"] = round(time.monotonic() - t0, 1)
         end = wait_recovered(url, run["killed_worker"])
         run["recovered_after_s"] = round(time.monotonic() - t0, 1)
