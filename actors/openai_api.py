@@ -25,8 +25,9 @@ if TYPE_CHECKING:
     from gpt2serve.actors.settings import RequestLimits
 
 ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 403: "PermissionDeniedError",
-               404: "NotFoundError", 408: "RequestTimeoutError", 413: "RequestTooLargeError", 415: "UnsupportedMediaTypeError",
-               429: "RateLimitError", 500: "InternalServerError", 503: "ServiceUnavailableError"}
+               404: "NotFoundError", 408: "RequestTimeoutError", 413: "RequestTooLargeError",
+               415: "UnsupportedMediaTypeError", 429: "RateLimitError", 500: "InternalServerError",
+               503: "ServiceUnavailableError"}
 
 
 class APIError(Exception):

@@ -228,7 +228,8 @@ class Streams:
                 await asyncio.wait_for(call._to_object_ref(), self.scheduler_reach_s)  # assigned to a replica
             except asyncio.TimeoutError:
                 call.cancel()
-                raise APIError(503, "the scheduler is restarting; retry", retry_after_s=self.scheduler_reach_s)
+                raise APIError(503, "the scheduler is restarting; retry",
+                               retry_after_s=self.scheduler_reach_s) from None
             verdict = await call
         except asyncio.CancelledError:
             call.cancel()  # leaves the global queue (or gives back the reservation just made)

@@ -331,7 +331,8 @@ def test_a_killed_scheduler_is_replaced_and_rebuilds_its_state_from_the_workers(
             again = await asyncio.gather(*(_answer(client, _completion(model, prompts[i]))
                                            for model in available for i in range(len(prompts))))
             assert (await client.post("/v1/unload_lora_adapter", json={"lora_name": "poetry"})).status_code == 200
-            r = await client.post("/v1/load_lora_adapter", json={"lora_name": "poetry", "lora_path": str(dirs["poetry"])})
+            r = await client.post("/v1/load_lora_adapter",
+                                  json={"lora_name": "poetry", "lora_path": str(dirs["poetry"])})
             assert r.status_code == 200, r.text
             reloaded = await _answer(client, _completion("poetry", prompts[1]))
             return killed_at, in_flight, retries, first, again, held_before, reloaded

@@ -382,7 +382,7 @@ def test_a_deadline_reached_mid_stream_is_a_408_and_aborts_the_request():
         jobs = await start
         seen = []
         with pytest.raises(APIError) as e:
-            async for i, item in streams.merged(jobs):
+            async for i, _ in streams.merged(jobs):
                 seen.append(i)
                 if len(seen) <= 3:  # three more tokens, then the worker goes quiet (a slow or hung step)
                     worker.emit(jobs[i].request_id, "y")
